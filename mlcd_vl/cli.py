@@ -1,0 +1,43 @@
+"""The `mlcd-vl` command: a table of subcommands, nothing else.
+
+Each subcommand lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`; modules keep
+heavy imports inside `run` so `mlcd-vl --help` stays fast.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "demo": ("mlcd_vl.demo", "build the tiny model and answer a question about the bundled image (CPU)"),
+    "build": ("mlcd_vl.model.build_command", "compose a fresh VLM from an LLM and a vision tower"),
+    "convert": ("mlcd_vl.model.convert", "convert upstream LLaVA checkpoints to HF-native folders and back"),
+    "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),
+    "data": ("mlcd_vl.data.check", "check a training dataset and report every problem by record"),
+}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="mlcd-vl", description="Train, evaluate and serve MLCD-LLaVA models.")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for name, (module_name, help_text) in COMMANDS.items():
+        module = importlib.import_module(module_name)
+        sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        module.configure_parser(sub)
+        sub.set_defaults(_module=module)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if getattr(args, "_module", None) is None:
+        parser.print_help()
+        return 2
+    return int(args._module.run(args) or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,215 @@
+"""Compose a fresh VLM from an LLM and a vision tower (hub ids or local folders).
+
+The composite is one of transformers' own LLaVA classes, chosen by the image settings (and only by them):
+
+| image mode + merge          | class                                    |
+|-----------------------------|------------------------------------------|
+| square or pad, flat         | LlavaForConditionalGeneration (stage 1)  |
+| anyres, spatial_unpad       | LlavaNextForConditionalGeneration        |
+| anyres_max_N, spatial_unpad | LlavaOnevisionForConditionalGeneration   |
+
+so a saved model loads with plain `AutoModelForImageTextToText`. The projector is a 2-layer GELU MLP
+(vision hidden -> LLM hidden -> LLM hidden, with biases, PyTorch's default init as upstream), features come from
+hidden layer -2 with CLS dropped, `image_newline` starts as randn(h)/sqrt(h) as upstream.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from transformers import (AddedToken, AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForImageTextToText,
+                          AutoTokenizer, CLIPVisionModel, PreTrainedModel, PreTrainedTokenizerBase,
+                          SiglipVisionModel)
+from transformers.initialization import no_init_weights
+
+from mlcd_vl import presets
+from mlcd_vl.data.templates import IMAGE_PLACEHOLDER, get_template
+from mlcd_vl.model import anyres
+from mlcd_vl.model.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageModeSettings, ProcessorSettings
+
+SETTINGS_KEY = "mlcd_vl"  # our block inside config.json; plain transformers ignores it
+
+
+@dataclass
+class VLMSettings:
+    """Everything beyond the weights that decides how inputs are built; stored in config.json under `mlcd_vl`."""
+
+    image_mode: str = "anyres"
+    merge_type: str = "spatial_unpad"
+    pinpoints: list[tuple[int, int]] = field(default_factory=list)  # (width, height)
+    template: str = "qwen_1_5"
+    crop_size: int = 336
+    patch_size: int = 14
+    image_mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
+    image_std: tuple[float, float, float] = OPENAI_CLIP_STD
+    llm: str = ""  # where the LLM came from (provenance only)
+    tower: str = ""
+
+    def __post_init__(self) -> None:
+        self.pinpoints = [tuple(p) for p in self.pinpoints]
+        self.image_mean, self.image_std = tuple(self.image_mean), tuple(self.image_std)
+        anyres.validate_image_mode(self.image_mode, self.merge_type)
+
+    @property
+    def processor(self) -> ProcessorSettings:
+        return ProcessorSettings(self.crop_size, self.patch_size, mean=self.image_mean, std=self.image_std)
+
+    @property
+    def mode(self) -> ImageModeSettings:
+        return ImageModeSettings(self.image_mode, self.merge_type, list(self.pinpoints))
+
+    def to_dict(self) -> dict:
+        data = dict(self.__dict__)
+        data["pinpoints"] = [list(p) for p in self.pinpoints]
+        data["image_mean"], data["image_std"] = list(self.image_mean), list(self.image_std)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "VLMSettings":
+        known = {k: v for k, v in data.items() if k in cls.__dataclass_fields__}
+        return cls(**known)
+
+
+def model_type_for(image_mode: str, merge_type: str) -> str:
+    """The transformers model type that represents these image settings exactly."""
+    anyres.validate_image_mode(image_mode, merge_type)
+    if image_mode in ("square", "pad") and merge_type == "flat":
+        return "llava"
+    if image_mode == "anyres" and merge_type == "spatial_unpad":
+        return "llava_next"
+    if anyres.anyres_max_patches(image_mode) is not None and merge_type == "spatial_unpad":
+        return "llava_onevision"
+    raise ValueError(
+        f"image mode {image_mode!r} with merge {merge_type!r} has no transformers class; use square/pad with flat, "
+        "anyres or anyres_max_N with spatial_unpad")
+
+
+def load_tokenizer(path: str, template: str = "qwen_1_5", **kwargs) -> PreTrainedTokenizerBase:
+    """The LLM's tokenizer with `<image>` added as a special token (at id len(tokenizer), as upstream) and the
+    template's chat template attached."""
+    tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    return prepare_tokenizer(tokenizer, template)
+
+
+def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str) -> PreTrainedTokenizerBase:
+    if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
+        # A special added token at id len(tokenizer), as upstream (151665 for Qwen2.5: no embedding resize).
+        tokenizer.add_tokens([AddedToken(IMAGE_PLACEHOLDER, special=True, normalized=False)], special_tokens=True)
+    tokenizer.chat_template = get_template(template).jinja()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_vision_tower(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A vision tower from a folder or hub id, whatever its saved class (full CLIP/SigLIP models keep the tower)."""
+    config = AutoConfig.from_pretrained(path)
+    if config.model_type in ("clip", "clip_vision_model"):
+        return CLIPVisionModel.from_pretrained(path, dtype=dtype)
+    if config.model_type in ("siglip", "siglip_vision_model"):
+        return SiglipVisionModel.from_pretrained(path, dtype=dtype)
+    if config.model_type == "mlcd_vision_model":
+        return AutoModel.from_pretrained(path, dtype=dtype)
+    raise ValueError(f"{path}: unsupported vision tower type {config.model_type!r} (mlcd, clip or siglip expected)")
+
+
+def tower_processor_settings(path: str, tower_config) -> tuple[int, tuple, tuple]:
+    """(crop size, mean, std) from the tower's preprocessor_config.json, falling back to its config."""
+    from transformers import AutoImageProcessor
+
+    try:
+        processor = AutoImageProcessor.from_pretrained(path)
+    except (OSError, ValueError):
+        return tower_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+    crop = getattr(processor, "crop_size", None)
+    crop_size = crop["height"] if isinstance(crop, dict) else getattr(crop, "height", None) or tower_config.image_size
+    return int(crop_size), tuple(processor.image_mean), tuple(processor.image_std)
+
+
+def compose_config(text_config, vision_config, settings: VLMSettings, image_token_id: int,
+                   select_strategy: str = "default", select_layer: int = -2):
+    """The transformers config of the composite; `settings` is stored under `mlcd_vl`."""
+    model_type = model_type_for(settings.image_mode, settings.merge_type)
+    kwargs = dict(
+        text_config=text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        image_token_id=image_token_id,
+        projector_hidden_act="gelu",
+        multimodal_projector_bias=True,
+        vision_feature_layer=select_layer,
+        vision_feature_select_strategy=select_strategy,
+        tie_word_embeddings=getattr(text_config, "tie_word_embeddings", False),
+    )
+    kwargs[SETTINGS_KEY] = settings.to_dict()
+    if model_type != "llava":
+        kwargs["image_grid_pinpoints"] = [list(p) for p in anyres.swap_pinpoints(settings.pinpoints)]
+    if model_type == "llava_onevision":
+        kwargs["vision_aspect_ratio"] = settings.image_mode
+    config_class = AutoConfig.for_model(model_type).__class__
+    return config_class(**kwargs)
+
+
+def init_projector_and_newline(model: PreTrainedModel, seed: int | None = None) -> None:
+    """Upstream init: nn.Linear defaults for the projector, randn(h)/sqrt(h) for image_newline."""
+    generator_state = torch.random.get_rng_state()
+    if seed is not None:
+        torch.manual_seed(seed)
+    projector = model.model.multi_modal_projector
+    for layer in (projector.linear_1, projector.linear_2):
+        layer.reset_parameters()
+    newline = getattr(model.model, "image_newline", None)
+    if newline is not None:
+        with torch.no_grad():
+            newline.copy_(torch.randn(newline.shape[0], dtype=torch.float32) / math.sqrt(newline.shape[0]))
+    if seed is not None:
+        torch.random.set_rng_state(generator_state)
+
+
+@dataclass
+class VLMSpec:
+    """What to build: LLM and tower (preset name, hub id or folder) and the image settings."""
+
+    llm: str = presets.DEFAULT_LLM
+    tower: str = presets.DEFAULT_TOWER
+    image_mode: str = "anyres"
+    merge_type: str = "spatial_unpad"
+    pinpoints: list | str | None = None  # default: the tower preset's upstream grid
+    template: str = "qwen_1_5"
+    dtype: str = "float32"
+    seed: int | None = 0
+
+
+def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
+    """A fresh composite with the LLM's and tower's pretrained weights, a new projector and image_newline."""
+    dtype = getattr(torch, spec.dtype)
+    llm_path, tower_path = presets.resolve_llm(spec.llm), presets.resolve_tower(spec.tower)
+    tower_preset = presets.tower_preset(spec.tower)
+    tokenizer = load_tokenizer(llm_path, spec.template)
+    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
+    tower = load_vision_tower(tower_path, dtype=dtype)
+    crop_size, mean, std = tower_processor_settings(tower_path, tower.config)
+    pinpoints = spec.pinpoints if spec.pinpoints is not None else (tower_preset.pinpoints if tower_preset else [])
+    settings = VLMSettings(
+        image_mode=spec.image_mode, merge_type=spec.merge_type,
+        pinpoints=anyres.parse_pinpoints(pinpoints, crop_size) if anyres.is_anyres(spec.image_mode) else [],
+        template=spec.template, crop_size=crop_size, patch_size=tower.config.patch_size,
+        image_mean=mean, image_std=std, llm=spec.llm, tower=spec.tower)
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if image_token_id >= llm.config.vocab_size:
+        llm.resize_token_embeddings(len(tokenizer))
+    strategy = tower_preset.select_strategy if tower_preset else (
+        "full" if tower.config.model_type.startswith("siglip") else "default")
+    config = compose_config(llm.config, tower.config, settings, image_token_id, select_strategy=strategy)
+    with no_init_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    model.model.language_model.load_state_dict(llm.model.state_dict(), assign=True)
+    model.lm_head.load_state_dict(llm.lm_head.state_dict(), assign=True)
+    model.model.vision_tower.load_state_dict(tower.state_dict(), assign=True)
+    init_projector_and_newline(model, spec.seed)
+    if llm.generation_config is not None:
+        model.generation_config = llm.generation_config
+    model.tie_weights()
+    del llm, tower
+    return model, tokenizer, settings

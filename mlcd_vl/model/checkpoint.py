@@ -1,0 +1,152 @@
+"""HF-native checkpoint folders: save and load a VLM with its tokenizer, chat template and processor.
+
+A saved folder is plain transformers: `AutoModelForImageTextToText.from_pretrained(dir)` and
+`AutoProcessor.from_pretrained(dir)` work without `trust_remote_code`. Our own settings (image mode, merge, pinpoints
+in upstream's (width, height), template) ride along in config.json under `mlcd_vl`; when they are absent (a LLaVA
+model from elsewhere) they are derived from the transformers config. Classes are chosen from config.json only.
+Weights are safetensors; a corrupt or truncated file fails with the file named.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel,
+                          PreTrainedTokenizerBase)
+
+from mlcd_vl.model import anyres
+from mlcd_vl.model.build import SETTINGS_KEY, VLMSettings, model_type_for, prepare_tokenizer
+
+SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint folder that cannot be loaded; the message names the folder or file."""
+
+
+def settings_from_config(config) -> VLMSettings:
+    """Our settings from a composite config: the `mlcd_vl` block, else derived from transformers' fields."""
+    stored = getattr(config, SETTINGS_KEY, None)
+    if stored:
+        return VLMSettings.from_dict(stored)
+    vision = config.vision_config
+    if config.model_type == "llava":
+        mode, merge, pinpoints = "square", "flat", []
+    elif config.model_type == "llava_next":
+        mode, merge = "anyres", "spatial_unpad"
+        pinpoints = anyres.swap_pinpoints([tuple(p) for p in config.image_grid_pinpoints])
+    elif config.model_type == "llava_onevision":
+        mode, merge = config.vision_aspect_ratio, "spatial_unpad"
+        pinpoints = anyres.swap_pinpoints([tuple(p) for p in config.image_grid_pinpoints])
+    else:
+        raise CheckpointError(f"model type {config.model_type!r} is not a LLaVA composite")
+    return VLMSettings(image_mode=mode, merge_type=merge, pinpoints=pinpoints, crop_size=vision.image_size,
+                       patch_size=vision.patch_size)
+
+
+def build_hf_processor(tokenizer: PreTrainedTokenizerBase, settings: VLMSettings, model_type: str,
+                       select_strategy: str = "default"):
+    """The transformers processor matching the model class, so `AutoProcessor.from_pretrained(dir)` works.
+
+    transformers' processors resize with torchvision by default; pass `backend="pil"` to reproduce upstream's
+    pixels exactly (our own pixel path always does).
+    """
+    size, crop = {"shortest_edge": settings.crop_size}, {"height": settings.crop_size, "width": settings.crop_size}
+    common = dict(size=size, crop_size=crop, image_mean=list(settings.image_mean), image_std=list(settings.image_std),
+                  resample=3, do_convert_rgb=True)
+    extra_tokens = 1 if select_strategy == "default" else 0
+    chat_template = tokenizer.chat_template
+    if model_type == "llava":
+        from transformers import LlavaImageProcessor, LlavaProcessor
+
+        image_processor = LlavaImageProcessor(do_pad=settings.image_mode == "pad", **common)
+        return LlavaProcessor(image_processor=image_processor, tokenizer=tokenizer, patch_size=settings.patch_size,
+                              vision_feature_select_strategy=select_strategy, chat_template=chat_template,
+                              image_token="<image>", num_additional_image_tokens=extra_tokens)
+    pinpoints_hw = [list(p) for p in anyres.swap_pinpoints(settings.pinpoints)]
+    if model_type == "llava_next":
+        from transformers import LlavaNextImageProcessor, LlavaNextProcessor
+
+        image_processor = LlavaNextImageProcessor(image_grid_pinpoints=pinpoints_hw, do_pad=True, **common)
+        return LlavaNextProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                  patch_size=settings.patch_size, vision_feature_select_strategy=select_strategy,
+                                  chat_template=chat_template, image_token="<image>",
+                                  num_additional_image_tokens=extra_tokens)
+    from transformers import LlavaOnevisionImageProcessor, LlavaOnevisionProcessor, LlavaOnevisionVideoProcessor
+
+    image_processor = LlavaOnevisionImageProcessor(image_grid_pinpoints=pinpoints_hw, do_pad=True, **common)
+    video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=list(settings.image_mean),
+                                                   image_std=list(settings.image_std))
+    unit = settings.crop_size // settings.patch_size
+    # transformers counts the CLS token in num_image_tokens (reference-spec 9): patches + 1.
+    return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
+                                   video_processor=video_processor, num_image_tokens=unit * unit + extra_tokens,
+                                   vision_feature_select_strategy=select_strategy, chat_template=chat_template,
+                                   image_token="<image>", vision_aspect_ratio=settings.image_mode)
+
+
+def save_vlm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: VLMSettings,
+             folder: str | Path) -> Path:
+    """Write an HF-native folder: config (with `mlcd_vl` settings), safetensors, tokenizer, processor."""
+    folder = Path(folder)
+    expected = model_type_for(settings.image_mode, settings.merge_type)
+    if model.config.model_type != expected:
+        raise CheckpointError(f"settings {settings.image_mode}/{settings.merge_type} need a {expected} model, "
+                              f"got {model.config.model_type}")
+    setattr(model.config, SETTINGS_KEY, settings.to_dict())
+    model.save_pretrained(folder, safe_serialization=True)
+    tokenizer.padding_side = "left"  # batched generation pads on the left; training sets its own side
+    processor = build_hf_processor(tokenizer, settings, expected, model.config.vision_feature_select_strategy)
+    processor.save_pretrained(folder)
+    return folder
+
+
+def _check_folder(folder: Path) -> None:
+    if not (folder / "config.json").is_file():
+        raise CheckpointError(f"{folder}: no config.json (not a model folder)")
+    for weights in sorted(folder.glob("*.safetensors")):
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(weights), framework="pt") as handle:
+                for key in handle.keys():
+                    handle.get_slice(key)
+        except Exception as error:  # safetensors raises its own error types for bad headers
+            raise CheckpointError(f"{weights}: corrupt or truncated safetensors file ({error})") from error
+
+
+def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+             attn_implementation: str | None = None,
+             ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
+    """Load an HF-native folder (ours or any LLaVA / LLaVA-NeXT / OneVision one) with our settings."""
+    folder = Path(folder)
+    if folder.exists():
+        _check_folder(folder)
+    config = AutoConfig.from_pretrained(folder)
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{folder}: model type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
+                              "upstream LLaVA checkpoints need `mlcd-vl convert` first")
+    settings = settings_from_config(config)
+    if dtype is None:
+        dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    elif isinstance(dtype, str):
+        dtype = getattr(torch, dtype)
+    kwargs = {"dtype": dtype}
+    if attn_implementation:
+        kwargs["attn_implementation"] = attn_implementation
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+    except (OSError, RuntimeError) as error:
+        raise CheckpointError(f"{folder}: cannot load weights ({error})") from error
+    model.to(device).eval()
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder), settings.template)
+    if tokenizer.convert_tokens_to_ids("<image>") != model.config.image_token_id:
+        raise CheckpointError(f"{folder}: tokenizer's <image> id differs from config image_token_id "
+                              f"{model.config.image_token_id}")
+    return model, tokenizer, settings
+
+
+def read_settings(folder: str | Path) -> VLMSettings:
+    """Settings of a saved folder without loading weights."""
+    return settings_from_config(AutoConfig.from_pretrained(folder))

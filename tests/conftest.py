@@ -1,0 +1,44 @@
+"""Shared fixtures: the upstream parity vectors (read through their manifest) and a quiet, deterministic torch."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+
+def _vectors_dir() -> Path | None:
+    env = os.environ.get("MLCD_VL_VECTORS")
+    candidates = [Path(env)] if env else []
+    candidates.append(REPO_ROOT.parent / "shared" / "upstream-vectors")
+    for candidate in candidates:
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    return None
+
+
+@pytest.fixture(scope="session")
+def vectors_dir() -> Path:
+    """The upstream reference vectors; tests that need them fail loudly in CI if they are missing."""
+    found = _vectors_dir()
+    if found is None:
+        if os.environ.get("CI"):
+            pytest.fail("upstream vectors not found: set MLCD_VL_VECTORS or place shared/ beside the repository")
+        pytest.skip("upstream vectors not available")
+    return found
+
+
+@pytest.fixture(scope="session")
+def manifest(vectors_dir: Path) -> dict:
+    return json.loads((vectors_dir / "manifest.json").read_text())
+
+
+@pytest.fixture(autouse=True)
+def _deterministic_torch():
+    torch.manual_seed(0)
+    yield
