@@ -38,11 +38,19 @@ def parse_pinpoints(pinpoints: str | list | tuple | None, crop_size: int) -> Pin
                 raise ValueError(f"cannot parse grid pinpoints range {pinpoints!r}; expected '(1x1),...,(3x3)'")
             (w0, h0), (w1, h1) = (tuple(map(int, m)) for m in (matches[0], matches[-1]))
             return [(i * crop_size, j * crop_size) for i in range(w0, w1 + 1) for j in range(h0, h1 + 1)]
-        pinpoints = ast.literal_eval(pinpoints)
-    result = [(int(p[0]), int(p[1])) for p in pinpoints]
-    for w, h in result:
-        if w <= 0 or h <= 0:
-            raise ValueError(f"grid pinpoint {(w, h)} must be positive")
+        try:
+            pinpoints = ast.literal_eval(pinpoints)
+        except (ValueError, SyntaxError) as error:
+            raise ValueError(f"cannot parse grid pinpoints {pinpoints!r}") from error
+    try:
+        pairs = [tuple(p) for p in pinpoints]
+    except TypeError as error:
+        raise ValueError(f"grid pinpoints must be a list of (width, height) pairs, got {pinpoints!r}") from error
+    result = []
+    for pair in pairs:
+        if len(pair) != 2 or not all(isinstance(v, (int, float)) and v == int(v) and v > 0 for v in pair):
+            raise ValueError(f"grid pinpoint {pair!r} must be a pair of positive integers (width, height)")
+        result.append((int(pair[0]), int(pair[1])))
     return result
 
 

@@ -86,12 +86,18 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int
                 if os.path.getsize(source) == 0:
                     raise ImageError(f"{name}: image file is empty")
                 image = Image.open(source)
-            if image.width * image.height > max_pixels:
-                raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
-            image.load()  # truncated or corrupt files fail here, not later inside a worker
         except ImageError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            raise ImageError(f"{name}: cannot read image ({error})") from error
+        try:
+            if image.width * image.height > max_pixels:
+                raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
+            image.load()  # truncated or corrupt files fail here, not later inside a worker
+        except (ImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
+            image.close()
+            if isinstance(error, ImageError):
+                raise
             raise ImageError(f"{name}: cannot read image ({error})") from error
     if image.width * image.height > max_pixels:
         raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")

@@ -1,0 +1,678 @@
+"""Convert upstream LLaVA-format checkpoints to HF-native folders and back.
+
+    mlcd-vl convert SRC DST [--vision-tower PATH] [--base-llm PATH] [--allow-pickle] [--to hf|upstream]
+                            [--projector-only] [--dtype auto|float32|bfloat16|float16]
+
+The direction comes from SRC/config.json (never from a path):
+
+* upstream stage-2 checkpoint (`architectures: [LlavaQwenForCausalLM]`, model_type `qwen2` or `llava_qwen`)
+  -> HF-native folder: anyres / anyres_max_N + spatial_unpad become LLaVA-NeXT / LLaVA-OneVision, square / pad + flat
+  become LLaVA (reference-spec 9). Every vision weight comes from the checkpoint; the tower named in
+  `mm_vision_tower` only supplies its config and image-processor settings.
+* upstream stage-1 artifact (config.json with mm_* keys + `mm_projector.bin`) -> HF-native LLaVA folder, with the
+  base LLM (`_name_or_path` or --base-llm) and the tower weights from the tower folder.
+* HF-native folder (llava, llava_next, llava_onevision) -> upstream `LlavaQwenForCausalLM` checkpoint
+  (config.json, model.safetensors, tokenizer, generation_config.json); with --projector-only, a stage-1 artifact
+  (config.json + `mm_projector.bin`) for upstream's `--pretrain_mm_mlp_adapter`.
+
+Weight names (reference-spec 2.4 and 9): `model.vision_tower.vision_tower.vision_model.X` <-> `model.vision_tower.X`,
+`model.mm_projector.{0,2}.*` <-> `model.multi_modal_projector.linear_{1,2}.*`, `model.image_newline` and
+`lm_head.weight` unchanged, any other `model.X` <-> `model.language_model.X`. Every source key must be used and
+every model key filled with the right shape; otherwise the error names the key. Upstream pinpoints are
+(width, height) and stay so in our settings; the transformers config gets (height, width) (compose_config swaps).
+The LLaVA-only fields of the upstream config ride along in config.json under `mlcd_vl_upstream`, so a round trip
+upstream -> HF-native -> upstream gives back the same config fields and bit-identical tensors.
+
+Pickled `.bin` files run code when unpickled: they are read only with --allow-pickle (`allow_pickle=True`), and
+then with `torch.load(weights_only=True)`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Callable
+
+UPSTREAM_BLOCK_KEY = "mlcd_vl_upstream"  # upstream's LLaVA config fields, kept for the way back
+UPSTREAM_ARCHITECTURE = "LlavaQwenForCausalLM"
+HF_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+PROJECTOR_FILE = "mm_projector.bin"
+UPSTREAM_TOWER_PREFIX = "model.vision_tower.vision_tower."
+UPSTREAM_PROJECTOR = {"model.mm_projector.0.": "model.multi_modal_projector.linear_1.",
+                      "model.mm_projector.2.": "model.multi_modal_projector.linear_2."}
+# The Qwen2 fields of an upstream (transformers 4.44) config.json, in the order upstream writes them.
+UPSTREAM_QWEN_FIELDS = ("attention_dropout", "bos_token_id", "eos_token_id", "hidden_act", "hidden_size",
+                        "initializer_range", "intermediate_size", "max_position_embeddings", "max_window_layers",
+                        "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps",
+                        "rope_scaling", "rope_theta", "sliding_window", "tie_word_embeddings", "torch_dtype",
+                        "use_cache", "use_sliding_window", "vocab_size")
+# What upstream train() writes beyond the image settings (reference-spec 2.3), for models that never were upstream.
+UPSTREAM_DEFAULTS = {
+    "vision_tower_pretrained": None, "use_mm_proj": True, "mm_projector_type": "mlp2x_gelu",
+    "image_crop_resolution": None, "image_split_resolution": None, "tokenizer_padding_side": "right",
+    "mm_newline_position": "grid", "mm_resampler_type": None, "mm_spatial_pool_stride": None,
+    "mm_spatial_pool_mode": "bilinear", "use_pos_skipping": False, "pos_skipping_range": 4096,
+    "add_faster_video": False, "faster_token_stride": 10, "add_time_instruction": False, "force_sample": False,
+    "mm_projector_lr": None, "mm_vision_tower_lr": None, "mm_use_im_start_end": False,
+    "mm_use_im_patch_token": False,
+}
+SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
+Log = Callable[[str], None]
+
+
+class ConvertError(ValueError):
+    """A checkpoint that cannot be converted; the message names the file, key or setting."""
+
+
+def _stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Reading sources
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def read_json(path: Path) -> dict:
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConvertError(f"{path}: not found") from None
+    except json.JSONDecodeError as error:
+        raise ConvertError(f"{path}: not valid JSON ({error})") from error
+
+
+def detect_format(src: str | Path) -> str:
+    """'upstream' (LlavaQwen stage 2), 'stage1' (config + mm_projector.bin) or 'hf' (LLaVA composite)."""
+    src = Path(src)
+    config = read_json(src / "config.json")
+    architectures = config.get("architectures") or []
+    model_type = config.get("model_type")
+    if model_type in HF_MODEL_TYPES:
+        return "hf"
+    if UPSTREAM_ARCHITECTURE in architectures or model_type == "llava_qwen":
+        return "upstream"
+    if "mm_vision_tower" in config and (src / PROJECTOR_FILE).is_file():
+        return "stage1"
+    if any(a.startswith("Llava") for a in architectures):
+        raise ConvertError(f"{src / 'config.json'}: architecture {architectures} is not supported; only "
+                           f"{UPSTREAM_ARCHITECTURE} (Qwen2 LLM) checkpoints convert")
+    raise ConvertError(f"{src / 'config.json'}: neither an upstream LLaVA checkpoint ({UPSTREAM_ARCHITECTURE}), "
+                       f"a stage-1 artifact (mm_* keys + {PROJECTOR_FILE}) nor an HF-native LLaVA folder "
+                       f"(model_type {model_type!r})")
+
+
+def load_pickle(path: Path, allow_pickle: bool) -> dict:
+    """A pickled tensor dict, only with explicit permission and then with `weights_only=True`."""
+    import torch
+
+    if not allow_pickle:
+        raise ConvertError(f"{path} is a pickle file, and unpickling can run arbitrary code. If you trust it, pass "
+                           "--allow-pickle (allow_pickle=True); it is then read with torch.load(weights_only=True)")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises UnpicklingError, RuntimeError, EOFError ...
+        raise ConvertError(f"{path}: cannot read ({error})") from error
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ConvertError(f"{path}: expected a dict of tensors")
+    return state
+
+
+def read_state_dict(folder: Path, allow_pickle: bool) -> dict:
+    """All tensors of an upstream checkpoint folder: model.safetensors, sharded safetensors or pickled .bin."""
+    from safetensors.torch import load_file
+
+    def safetensors(path: Path) -> dict:
+        try:
+            return load_file(str(path))
+        except Exception as error:  # safetensors raises its own error types for bad headers
+            raise ConvertError(f"{path}: cannot read safetensors ({error})") from error
+
+    if (folder / "model.safetensors").is_file():
+        return safetensors(folder / "model.safetensors")
+    for index_name, reader in (("model.safetensors.index.json", safetensors),
+                               ("pytorch_model.bin.index.json", lambda p: load_pickle(p, allow_pickle))):
+        index = folder / index_name
+        if index.is_file():
+            state = {}
+            for shard in sorted(set(read_json(index).get("weight_map", {}).values())):
+                state.update(reader(folder / shard))
+            return state
+    if (folder / "pytorch_model.bin").is_file():
+        return load_pickle(folder / "pytorch_model.bin", allow_pickle)
+    raise ConvertError(f"{folder}: no model.safetensors, sharded safetensors or pytorch_model.bin")
+
+
+def find_local(name: str, src: Path) -> Path | None:
+    """`name` as a folder: absolute, relative to the working directory, or to SRC and each of its parents."""
+    path = Path(name).expanduser()
+    if path.is_absolute():
+        return path if path.is_dir() else None
+    for base in [Path.cwd(), src.resolve(), *src.resolve().parents]:
+        if (base / path).is_dir():
+            return base / path
+    return None
+
+
+def resolve_source(name: str, src: Path, what: str, preset_lookup: Callable[[str], str]) -> str:
+    """A local folder when one exists, else the preset's hub id, else `name` itself (a hub id)."""
+    if not name:
+        raise ConvertError(f"{src / 'config.json'} names no {what}; pass it explicitly")
+    local = find_local(name, src)
+    return str(local) if local is not None else preset_lookup(name)
+
+
+def _hub_error(name: str, what: str, flag: str, src: Path, error: Exception) -> ConvertError:
+    return ConvertError(
+        f"{what} {name!r} could not be loaded: it is no local folder (looked in the working directory, {src} and "
+        f"its parents), no known preset, and loading it from the hub failed ({type(error).__name__}: {error}). "
+        f"Pass {flag} PATH")
+
+
+def load_tower_info(name: str, src: Path):
+    """(path, tower config, crop size, mean, std) for a tower name / folder / hub id."""
+    from transformers import AutoConfig
+
+    from mlcd_vl import presets
+    from mlcd_vl.model.build import tower_processor_settings
+
+    path = resolve_source(name, src, "vision tower (mm_vision_tower)", presets.resolve_tower)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as error:
+        raise _hub_error(name, "vision tower", "--vision-tower", src, error) from error
+    if config.model_type in ("clip", "siglip"):
+        config = config.vision_config
+    crop_size, mean, std = tower_processor_settings(path, config)
+    return path, config, crop_size, mean, std
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Configs
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _qwen_keys() -> set[str]:
+    from transformers import Qwen2Config
+
+    keys = set(Qwen2Config().to_dict()) | {"rope_theta", "rope_scaling", "torch_dtype"}
+    return keys - {"architectures", "_name_or_path", "transformers_version", "model_type"}
+
+
+def split_upstream_config(config: dict) -> tuple[dict, dict]:
+    """(Qwen2 fields, LLaVA fields) of an upstream config.json."""
+    qwen_keys = _qwen_keys()
+    text = {k: v for k, v in config.items() if k in qwen_keys}
+    skip = {"architectures", "model_type", "transformers_version"}
+    llava = {k: v for k, v in config.items() if k not in qwen_keys and k not in skip}
+    return text, llava
+
+
+def text_config_from_upstream(text_fields: dict):
+    from transformers import Qwen2Config
+
+    config = Qwen2Config.from_dict(dict(text_fields))
+    config.architectures = ["Qwen2ForCausalLM"]
+    return config
+
+
+def settings_from_upstream(config: dict, config_path: Path, tower_name: str, tower_config, crop_size: int,
+                           mean, std, template: str, llm: str):
+    """Our VLMSettings plus (select strategy, select layer) from an upstream config."""
+    from mlcd_vl.model import anyres
+    from mlcd_vl.model.build import VLMSettings, model_type_for
+
+    projector = config.get("mm_projector_type", "mlp2x_gelu")
+    if projector != "mlp2x_gelu":
+        raise ConvertError(f"{config_path}: mm_projector_type {projector!r} is not supported (mlp2x_gelu only)")
+    feature = config.get("mm_vision_select_feature", "patch")
+    if feature not in SELECT_FEATURE_TO_STRATEGY:
+        raise ConvertError(f"{config_path}: mm_vision_select_feature {feature!r} is not supported "
+                           f"({', '.join(SELECT_FEATURE_TO_STRATEGY)})")
+    image_mode = config.get("image_aspect_ratio") or "square"
+    merge_type = config.get("mm_patch_merge_type") or "flat"
+    try:
+        model_type_for(image_mode, merge_type)
+        pinpoints = (anyres.parse_pinpoints(config.get("image_grid_pinpoints"), crop_size)
+                     if anyres.is_anyres(image_mode) else [])
+        settings = VLMSettings(image_mode=image_mode, merge_type=merge_type, pinpoints=pinpoints, template=template,
+                               crop_size=crop_size, patch_size=tower_config.patch_size, image_mean=mean,
+                               image_std=std, llm=llm, tower=tower_name)
+    except ValueError as error:
+        raise ConvertError(f"{config_path}: {error}") from error
+    if anyres.is_anyres(image_mode) and not pinpoints:
+        raise ConvertError(f"{config_path}: image_aspect_ratio {image_mode!r} needs image_grid_pinpoints")
+    return settings, SELECT_FEATURE_TO_STRATEGY[feature], int(config.get("mm_vision_select_layer", -2))
+
+
+def upstream_config_from_hf(config, settings, dtype_name: str, stage1: bool = False) -> dict:
+    """An upstream config.json for a composite: Qwen2 fields, the mm_* keys of reference-spec 2.3, pinpoints
+    (width, height); fields kept from an upstream original (`mlcd_vl_upstream`) are restored."""
+    import transformers
+
+    from mlcd_vl.model import anyres
+
+    text = config.text_config
+    stored = dict(getattr(config, UPSTREAM_BLOCK_KEY, None) or {})
+    out: dict = {"_name_or_path": stored.pop("_name_or_path", settings.llm or "")}
+    out["architectures"] = ["Qwen2ForCausalLM"] if stage1 else [UPSTREAM_ARCHITECTURE]
+    rope = dict(getattr(text, "rope_parameters", None) or {})
+    values = {name: getattr(text, name, None) for name in UPSTREAM_QWEN_FIELDS}
+    values["rope_theta"] = rope.pop("rope_theta", getattr(text, "rope_theta", None))
+    values["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
+    values["torch_dtype"] = dtype_name
+    values["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
+    if getattr(text, "pad_token_id", None) is not None:
+        values["pad_token_id"] = text.pad_token_id
+    feature = {v: k for k, v in SELECT_FEATURE_TO_STRATEGY.items()}.get(config.vision_feature_select_strategy)
+    if feature is None:
+        raise ConvertError(f"vision_feature_select_strategy {config.vision_feature_select_strategy!r} has no "
+                           "upstream equivalent")
+    if not isinstance(config.vision_feature_layer, int):
+        raise ConvertError(f"vision_feature_layer {config.vision_feature_layer!r}: upstream needs one layer")
+    pinpoints = [list(p) for p in settings.pinpoints] if anyres.is_anyres(settings.image_mode) else None
+    original_pinpoints = stored.get("image_grid_pinpoints")
+    if pinpoints is not None and original_pinpoints is not None:
+        try:  # keep the original spelling (e.g. a range string) when it means the same grid
+            if anyres.parse_pinpoints(original_pinpoints, settings.crop_size) == [tuple(p) for p in pinpoints]:
+                pinpoints = original_pinpoints
+        except ValueError:
+            pass
+    derived = {
+        "mm_vision_tower": settings.tower or stored.get("mm_vision_tower"),
+        "mm_hidden_size": config.vision_config.hidden_size,
+        "mm_vision_select_layer": config.vision_feature_layer,
+        "mm_vision_select_feature": feature,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_patch_merge_type": settings.merge_type,
+        "image_aspect_ratio": settings.image_mode,
+        "image_grid_pinpoints": pinpoints,
+    }
+    llava = {**UPSTREAM_DEFAULTS,
+             "tokenizer_model_max_length": getattr(text, "max_position_embeddings", None),
+             "mm_tunable_parts": "mm_mlp_adapter" if stage1 else "mm_vision_tower,mm_mlp_adapter,mm_language_model",
+             **stored, **derived}
+    merged = {**values, **llava}
+    out.update({key: merged[key] for key in sorted(merged)})
+    out["model_type"] = "qwen2"
+    out["transformers_version"] = transformers.__version__
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Weight names
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def upstream_to_hf_key(key: str, hf_keys) -> str | None:
+    """The composite's runtime name for an upstream key (None when it maps nowhere)."""
+    if key.startswith(UPSTREAM_TOWER_PREFIX):
+        rest = key[len(UPSTREAM_TOWER_PREFIX):]
+        bare = rest[len("vision_model."):] if rest.startswith("vision_model.") else rest
+        # transformers 5 towers have no `vision_model.` level at runtime; older ones do.
+        for candidate in (f"model.vision_tower.{bare}", f"model.vision_tower.vision_model.{bare}"):
+            if candidate in hf_keys:
+                return candidate
+        return f"model.vision_tower.{bare}"
+    for old, new in UPSTREAM_PROJECTOR.items():
+        if key.startswith(old):
+            return new + key[len(old):]
+    if key == "model.image_newline" or key == "lm_head.weight":
+        return key
+    if key.startswith("model.") and not key.startswith(("model.vision_tower.", "model.mm_projector.",
+                                                         "model.vision_resampler.")):
+        return "model.language_model." + key[len("model."):]
+    return None
+
+
+def hf_to_upstream_key(key: str) -> str:
+    if key.startswith("model.vision_tower."):
+        rest = key[len("model.vision_tower."):]
+        return UPSTREAM_TOWER_PREFIX + (rest if rest.startswith("vision_model.") else "vision_model." + rest)
+    for old, new in UPSTREAM_PROJECTOR.items():
+        if key.startswith(new):
+            return old + key[len(new):]
+    if key.startswith("model.language_model."):
+        return "model." + key[len("model.language_model."):]
+    if key in ("model.image_newline", "lm_head.weight"):
+        return key
+    raise ConvertError(f"model key {key!r} has no upstream name")
+
+
+def load_upstream_weights(model, state: dict, source: str, log: Log = _stderr) -> None:
+    """Put upstream-named tensors into the composite; every key used, every model key filled, shapes equal."""
+    import torch
+
+    expected = model.state_dict()
+    mapped, origin, ignored = {}, {}, []
+    for key, tensor in state.items():
+        target = upstream_to_hf_key(key, expected)
+        if target is None or target not in expected:
+            if key.endswith(".inv_freq"):  # non-persistent rotary buffers, recomputed by the model
+                ignored.append(key)
+                continue
+            raise ConvertError(f"{source}: key {key!r} has no place in the {model.config.model_type} model"
+                               + (f" (would be {target!r})" if target else ""))
+        if target in mapped:
+            raise ConvertError(f"{source}: keys {origin[target]!r} and {key!r} both map to {target!r}")
+        if tuple(tensor.shape) != tuple(expected[target].shape):
+            raise ConvertError(f"{source}: key {key!r} has shape {list(tensor.shape)}, the model expects "
+                               f"{list(expected[target].shape)} for {target!r}")
+        mapped[target], origin[target] = tensor, key
+    tied = bool(getattr(model.config, "tie_word_embeddings", False))
+    if tied and "lm_head.weight" not in mapped and "model.language_model.embed_tokens.weight" in mapped:
+        mapped["lm_head.weight"] = mapped["model.language_model.embed_tokens.weight"]
+    missing = [k for k in expected if k not in mapped]
+    if missing:
+        names = ", ".join(repr(_upstream_name(k)) for k in missing[:8])
+        raise ConvertError(f"{source}: missing {len(missing)} tensor(s): {names}"
+                           + (" ..." if len(missing) > 8 else ""))
+    with torch.no_grad():
+        model.load_state_dict(mapped, strict=True, assign=True)
+    if tied:
+        model.tie_weights()
+    if ignored:
+        log(f"  ignored {len(ignored)} rotary buffer(s) (recomputed): {', '.join(ignored[:3])}")
+
+
+def _upstream_name(key: str) -> str:
+    try:
+        return hf_to_upstream_key(key)
+    except ConvertError:
+        return key
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# upstream -> HF-native
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_dtype(name: str | None, state: dict):
+    """The dtype to build in: the named one, or (auto) the floating dtype most source tensors have."""
+    import torch
+
+    if name and name != "auto":
+        try:
+            return getattr(torch, name)
+        except AttributeError:
+            raise ConvertError(f"unknown dtype {name!r}") from None
+    counts: dict = {}
+    for tensor in state.values():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return max(counts, key=counts.get) if counts else torch.float32
+
+
+def _compose(text_config, tower_config, settings, strategy: str, layer: int, tokenizer, dtype, log: Log):
+    from transformers import AutoModelForImageTextToText
+    from transformers.initialization import no_init_weights
+
+    from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
+    from mlcd_vl.model.build import compose_config
+
+    image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
+    if image_token_id >= text_config.vocab_size:
+        raise ConvertError(f"the <image> token gets id {image_token_id}, beyond the {text_config.vocab_size} "
+                           "embedding rows of the LLM; resize the LLM's embeddings before converting")
+    config = compose_config(text_config, tower_config, settings, image_token_id, select_strategy=strategy,
+                            select_layer=layer)
+    log(f"  building {config.model_type} ({type(tower_config).__name__} tower, {dtype})")
+    with no_init_weights():
+        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
+    return model
+
+
+def _cast(state: dict, dtype) -> dict:
+    return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
+
+
+def _load_tokenizer(path: str, template: str, what: str):
+    from transformers import AutoTokenizer
+
+    from mlcd_vl.model.build import prepare_tokenizer
+
+    try:
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path), template)
+    except (OSError, ValueError) as error:
+        raise ConvertError(f"{path}: cannot load the tokenizer of the {what} ({error})") from error
+
+
+def _finish_hf(model, tokenizer, settings, dst: Path, generation_source: str | None, upstream_block: dict,
+               log: Log) -> Path:
+    from transformers import GenerationConfig
+
+    from mlcd_vl.model.checkpoint import save_vlm
+
+    if generation_source is not None:
+        try:
+            model.generation_config = GenerationConfig.from_pretrained(generation_source)
+        except OSError:
+            log(f"  no generation_config.json in {generation_source}")
+    setattr(model.config, UPSTREAM_BLOCK_KEY, upstream_block)
+    model.eval()
+    log(f"  saving HF-native {model.config.model_type} folder to {dst}")
+    save_vlm(model, tokenizer, settings, dst)
+    return dst
+
+
+def convert_upstream_to_hf(src: str | Path, dst: str | Path, *, vision_tower: str | None = None,
+                           allow_pickle: bool = False, dtype: str | None = None, template: str = "qwen_1_5",
+                           log: Log = _stderr) -> Path:
+    """An upstream LlavaQwen (stage-2) checkpoint -> HF-native folder; weights bit-identical."""
+    src, dst = Path(src), Path(dst)
+    config_path = src / "config.json"
+    config = read_json(config_path)
+    text_fields, llava_fields = split_upstream_config(config)
+    tower_name = config.get("mm_vision_tower") or config.get("vision_tower") or ""
+    log(f"converting upstream checkpoint {src} -> {dst}")
+    tower_path, tower_config, crop, mean, std = load_tower_info(vision_tower or tower_name, src)
+    log(f"  vision tower {tower_name!r} -> {tower_path} ({tower_config.model_type})")
+    settings, strategy, layer = settings_from_upstream(config, config_path, tower_name or str(vision_tower),
+                                                       tower_config, crop, mean, std, template,
+                                                       config.get("_name_or_path", ""))
+    state = read_state_dict(src, allow_pickle)
+    log(f"  read {len(state)} tensors")
+    torch_dtype = _resolve_dtype(dtype, state)
+    tokenizer = _load_tokenizer(str(src), template, "checkpoint")
+    text_config = text_config_from_upstream(text_fields)
+    model = _compose(text_config, tower_config, settings, strategy, layer, tokenizer, torch_dtype, log)
+    load_upstream_weights(model, _cast(state, torch_dtype), str(src), log)
+    return _finish_hf(model, tokenizer, settings, dst, str(src), llava_fields, log)
+
+
+def convert_stage1_to_hf(src: str | Path, dst: str | Path, *, vision_tower: str | None = None,
+                         base_llm: str | None = None, allow_pickle: bool = False, dtype: str | None = None,
+                         template: str = "plain", log: Log = _stderr) -> Path:
+    """A stage-1 artifact (config.json + mm_projector.bin) + base LLM + tower folder -> HF-native folder."""
+    from transformers import AutoModelForCausalLM
+
+    from mlcd_vl import presets
+    from mlcd_vl.model.build import load_vision_tower
+
+    src, dst = Path(src), Path(dst)
+    config_path = src / "config.json"
+    config = read_json(config_path)
+    _, llava_fields = split_upstream_config(config)
+    log(f"converting stage-1 artifact {src} -> {dst}")
+    projector = load_pickle(src / PROJECTOR_FILE, allow_pickle)
+    state = {}
+    for key, tensor in projector.items():
+        if "mm_projector." not in key:
+            raise ConvertError(f"{src / PROJECTOR_FILE}: unexpected key {key!r} (mm_projector.* expected)")
+        state["model.mm_projector." + key.split("mm_projector.", 1)[1]] = tensor
+    torch_dtype = _resolve_dtype(dtype, state)
+    llm_name = base_llm or config.get("_name_or_path") or ""
+    llm_path = resolve_source(llm_name, src, "base LLM (_name_or_path)", presets.resolve_llm)
+    log(f"  base LLM {llm_name!r} -> {llm_path}")
+    try:
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch_dtype)
+    except (OSError, ValueError) as error:
+        raise _hub_error(llm_name, "base LLM", "--base-llm", src, error) from error
+    tower_name = config.get("mm_vision_tower") or ""
+    tower_path, tower_config, crop, mean, std = load_tower_info(vision_tower or tower_name, src)
+    log(f"  vision tower {tower_name!r} -> {tower_path} ({tower_config.model_type}), weights from that folder")
+    tower = load_vision_tower(tower_path, dtype=torch_dtype)
+    settings, strategy, layer = settings_from_upstream(config, config_path, tower_name or str(vision_tower),
+                                                       tower_config, crop, mean, std, template, llm_name)
+    for key, tensor in llm.state_dict().items():
+        state[key] = tensor
+    for key, tensor in tower.state_dict().items():
+        state[UPSTREAM_TOWER_PREFIX + key] = tensor
+    tokenizer = _load_tokenizer(llm_path, template, "base LLM")
+    model = _compose(llm.config, tower.config, settings, strategy, layer, tokenizer, torch_dtype, log)
+    load_upstream_weights(model, _cast(state, torch_dtype), f"{src} + {llm_path} + {tower_path}", log)
+    llava_fields.setdefault("_name_or_path", llm_name)
+    return _finish_hf(model, tokenizer, settings, dst, llm_path, llava_fields, log)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# HF-native -> upstream
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _strip_image_token(folder: Path) -> None:
+    """Upstream tokenizers carry no `<image>` (upstream adds it per call): drop it from the saved files."""
+    from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
+
+    def edit(name: str, change: Callable[[dict], None]) -> None:
+        path = folder / name
+        if path.is_file():
+            data = json.loads(path.read_text())
+            change(data)
+            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+
+    def tokenizer_json(data: dict) -> None:
+        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != IMAGE_PLACEHOLDER]
+
+    def tokenizer_config(data: dict) -> None:
+        decoder = data.get("added_tokens_decoder", {})
+        data["added_tokens_decoder"] = {k: v for k, v in decoder.items() if v.get("content") != IMAGE_PLACEHOLDER}
+        for key in ("additional_special_tokens", "extra_special_tokens"):
+            if isinstance(data.get(key), list):
+                data[key] = [t for t in data[key] if (t.get("content") if isinstance(t, dict) else t)
+                             != IMAGE_PLACEHOLDER]
+
+    def added_tokens(data: dict) -> None:
+        data.pop(IMAGE_PLACEHOLDER, None)
+
+    edit("tokenizer.json", tokenizer_json)
+    edit("tokenizer_config.json", tokenizer_config)
+    edit("special_tokens_map.json", tokenizer_config)
+    edit("added_tokens.json", added_tokens)
+
+
+def convert_hf_to_upstream(src: str | Path, dst: str | Path, *, projector_only: bool = False,
+                           dtype: str | None = None, log: Log = _stderr) -> Path:
+    """An HF-native folder -> upstream LlavaQwen checkpoint, or (projector_only) a stage-1 artifact."""
+    import torch
+    from huggingface_hub import save_torch_state_dict
+    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+
+    from mlcd_vl.model.checkpoint import settings_from_config
+
+    src, dst = Path(src), Path(dst)
+    log(f"converting HF-native folder {src} -> upstream {'stage-1 artifact' if projector_only else 'checkpoint'} "
+        f"{dst}")
+    hf_config = AutoConfig.from_pretrained(src)
+    settings = settings_from_config(hf_config)
+    kwargs = {"dtype": getattr(torch, dtype) if dtype and dtype != "auto" else "auto"}
+    try:
+        model = AutoModelForImageTextToText.from_pretrained(src, **kwargs)
+    except (OSError, RuntimeError, ValueError) as error:
+        raise ConvertError(f"{src}: cannot load weights ({error})") from error
+    state = {}
+    for key, tensor in model.state_dict().items():
+        state[hf_to_upstream_key(key)] = tensor.detach().contiguous()
+    floating = [t.dtype for t in state.values() if t.is_floating_point()]
+    dtype_name = str(max(set(floating), key=floating.count)).replace("torch.", "") if floating else "float32"
+    dst.mkdir(parents=True, exist_ok=True)
+    config = upstream_config_from_hf(model.config, settings, dtype_name, stage1=projector_only)
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    if projector_only:
+        projector = {k: v.clone() for k, v in state.items() if k.startswith("model.mm_projector.")}
+        torch.save(projector, dst / PROJECTOR_FILE)
+        log(f"  wrote {PROJECTOR_FILE} ({len(projector)} tensors) and config.json")
+        return dst
+    if getattr(model.config, "tie_word_embeddings", False):
+        state.pop("lm_head.weight", None)
+    save_torch_state_dict(state, str(dst), max_shard_size="5GB", metadata={"format": "pt"})
+    log(f"  wrote {len(state)} tensors, config.json")
+    tokenizer = AutoTokenizer.from_pretrained(src)
+    tokenizer.padding_side = config.get("tokenizer_padding_side", "right")
+    tokenizer.save_pretrained(dst)
+    _strip_image_token(dst)
+    if (src / "generation_config.json").is_file():
+        shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
+    log("  wrote tokenizer and generation_config.json")
+    return dst
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Entry points
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def convert(src: str | Path, dst: str | Path, *, to: str | None = None, vision_tower: str | None = None,
+            base_llm: str | None = None, allow_pickle: bool = False, projector_only: bool = False,
+            dtype: str | None = None, template: str | None = None, overwrite: bool = False,
+            log: Log = _stderr) -> Path:
+    """Convert SRC into DST in the direction SRC's config.json implies (checked against `to` when given)."""
+    src, dst = Path(src), Path(dst)
+    if not src.is_dir():
+        raise ConvertError(f"{src}: not a folder")
+    if dst.exists() and any(dst.iterdir()) and not overwrite:
+        raise ConvertError(f"{dst}: exists and is not empty (pass --overwrite to write into it)")
+    kind = detect_format(src)
+    direction = "upstream" if kind == "hf" else "hf"
+    if to is not None and to != direction:
+        raise ConvertError(f"{src} is {'an HF-native folder' if kind == 'hf' else 'an upstream checkpoint'}; "
+                           f"it converts to {direction}, not {to}")
+    if projector_only and kind != "hf":
+        raise ConvertError("--projector-only applies to HF-native -> upstream conversion")
+    if kind == "upstream":
+        return convert_upstream_to_hf(src, dst, vision_tower=vision_tower, allow_pickle=allow_pickle, dtype=dtype,
+                                      template=template or "qwen_1_5", log=log)
+    if kind == "stage1":
+        return convert_stage1_to_hf(src, dst, vision_tower=vision_tower, base_llm=base_llm,
+                                    allow_pickle=allow_pickle, dtype=dtype, template=template or "plain", log=log)
+    return convert_hf_to_upstream(src, dst, projector_only=projector_only, dtype=dtype, log=log)
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    parser.add_argument("src", metavar="SRC", help="checkpoint folder to convert (upstream, stage-1 or HF-native)")
+    parser.add_argument("dst", metavar="DST", help="output folder (created)")
+    parser.add_argument("--to", choices=("hf", "upstream"), default=None,
+                        help="expected direction; detected from SRC/config.json, this only checks it")
+    parser.add_argument("--vision-tower", metavar="PATH",
+                        help="tower folder, preset or hub id overriding mm_vision_tower (config and processor "
+                             "settings; stage-1 also takes its weights)")
+    parser.add_argument("--base-llm", metavar="PATH",
+                        help="stage-1 artifacts: the base LLM (default: _name_or_path of SRC/config.json)")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="allow reading pickled .bin files (mm_projector.bin, pytorch_model.bin) with "
+                             "torch.load(weights_only=True); only for files you trust")
+    parser.add_argument("--projector-only", action="store_true",
+                        help="HF-native -> upstream: write a stage-1 artifact (config.json + mm_projector.bin) "
+                             "for upstream's --pretrain_mm_mlp_adapter")
+    parser.add_argument("--dtype", default="auto", choices=("auto", "float32", "bfloat16", "float16"),
+                        help="weight dtype of the output (default auto: keep the source's)")
+    parser.add_argument("--template", default=None,
+                        help="chat template stored with the tokenizer (default: qwen_1_5, plain for stage-1)")
+    parser.add_argument("--overwrite", action="store_true", help="write into a non-empty DST")
+
+
+def run(args: argparse.Namespace) -> int:
+    try:
+        convert(args.src, args.dst, to=args.to, vision_tower=args.vision_tower, base_llm=args.base_llm,
+                allow_pickle=args.allow_pickle, projector_only=args.projector_only, dtype=args.dtype,
+                template=args.template, overwrite=args.overwrite)
+    except ConvertError as error:
+        _stderr(f"mlcd-vl convert: error: {error}")
+        return 2
+    _stderr(f"done: {args.dst}")
+    return 0
