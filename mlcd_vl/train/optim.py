@@ -1,0 +1,280 @@
+"""What trains and how fast: freezing by tunable parts, per-part learning rates, and the projector artifact.
+
+Parts (upstream `mm_tunable_parts`, reference-spec 5.3 step 7), on transformers' module names:
+
+| tunable part        | parameters                                                          |
+|---------------------|---------------------------------------------------------------------|
+| `mm_mlp_adapter`    | `model.multi_modal_projector.*`                                     |
+| `mm_vision_tower`   | every parameter of `model.vision_tower.*`                           |
+| `mm_language_model` | every other one: `model.language_model.*` (embeddings included),    |
+|                     | `lm_head.*`, `model.image_newline`                                  |
+
+A name belongs to a part by its dotted components, so wrappers that add prefixes (PEFT's `base_model.model.`)
+keep working. Optimizer groups: the vision tower at `vision_tower_lr`, the projector at `projector_lr`, everything
+else at `lr` (None = `lr`, as upstream); with weight decay > 0, biases and 1-D tensors (norm weights,
+`image_newline`, class embeddings) go to a no-decay group of the same part. Only trainable parameters enter the
+optimizer. Counts read `ds_numel` / `ds_shape` when present, so they are right for ZeRO-3-partitioned models.
+
+The projector artifact of stage 1 is `projector.safetensors` (keys `model.multi_modal_projector.linear_{1,2}.*`);
+`load_projector` also reads upstream's pickled `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, only with
+`allow_pickle=True`, then `torch.load(weights_only=True)`) and the projector of any HF-native checkpoint folder.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from mlcd_vl.train.config import TUNABLE_PARTS, OptimConfig
+
+PART_OF_TUNABLE = {"mm_mlp_adapter": "projector", "mm_vision_tower": "vision_tower",
+                   "mm_language_model": "language_model"}
+PARTS = ("vision_tower", "projector", "language_model")
+PROJECTOR_FILE = "projector.safetensors"
+UPSTREAM_PROJECTOR_FILE = "mm_projector.bin"
+PROJECTOR_PREFIX = "model.multi_modal_projector."
+PROJECTOR_KEYS = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
+UPSTREAM_LAYER = {"0": "linear_1", "2": "linear_2"}
+
+
+class ProjectorError(ValueError):
+    """A projector artifact that cannot be read or does not fit the model; the message names the file and key."""
+
+
+def module_part(name: str) -> str:
+    """'vision_tower', 'projector' or 'language_model' for a parameter name of the composite."""
+    components = name.split(".")
+    if "vision_tower" in components:
+        return "vision_tower"
+    if "multi_modal_projector" in components:
+        return "projector"
+    return "language_model"
+
+
+def parse_tunable_parts(spec: str | list[str] | tuple[str, ...]) -> list[str]:
+    parts = [p.strip() for p in spec.split(",")] if isinstance(spec, str) else list(spec)
+    parts = [p for p in parts if p]
+    unknown = [p for p in parts if p not in TUNABLE_PARTS]
+    if unknown or not parts:
+        raise ValueError(f"tunable parts {spec!r}: use a comma-separated subset of {', '.join(TUNABLE_PARTS)}"
+                         + (f" (unknown: {', '.join(unknown)})" if unknown else ""))
+    return parts
+
+
+def _numel(param: torch.Tensor) -> int:
+    return int(getattr(param, "ds_numel", param.numel()))
+
+
+def _ndim(param: torch.Tensor) -> int:
+    return len(getattr(param, "ds_shape", param.shape))
+
+
+@dataclass
+class PartCount:
+    trainable: int = 0
+    total: int = 0
+
+
+def apply_tunable_parts(model: nn.Module, tunable_parts: str | list[str]) -> dict[str, PartCount]:
+    """Freeze everything, then unfreeze the listed parts; returns the per-part parameter counts."""
+    trainable_parts = {PART_OF_TUNABLE[p] for p in parse_tunable_parts(tunable_parts)}
+    for name, param in model.named_parameters():
+        param.requires_grad_(module_part(name) in trainable_parts)
+    return parameter_summary(model)
+
+
+def parameter_summary(model: nn.Module) -> dict[str, PartCount]:
+    summary = {part: PartCount() for part in PARTS}
+    for name, param in model.named_parameters():
+        count = summary[module_part(name)]
+        count.total += _numel(param)
+        count.trainable += _numel(param) if param.requires_grad else 0
+    return summary
+
+
+def format_parameter_summary(summary: dict[str, PartCount]) -> str:
+    lines = [f"{part:>15}: {c.trainable:>14,} trainable / {c.total:>14,}" for part, c in summary.items()]
+    trainable, total = sum(c.trainable for c in summary.values()), sum(c.total for c in summary.values())
+    lines.append(f"{'all':>15}: {trainable:>14,} trainable / {total:>14,} ({100 * trainable / max(total, 1):.2f}%)")
+    return "\n".join(lines)
+
+
+def part_learning_rates(optim: OptimConfig) -> dict[str, float]:
+    base = optim.lr
+    if base is None:
+        raise ValueError("optim.lr is unset; load the config with mlcd_vl.train.config.load_config")
+    return {"vision_tower": optim.vision_tower_lr if optim.vision_tower_lr is not None else base,
+            "projector": optim.projector_lr if optim.projector_lr is not None else base,
+            "language_model": base}
+
+
+def _no_decay(name: str, param: torch.Tensor) -> bool:
+    return name.endswith(".bias") or _ndim(param) < 2
+
+
+def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
+    """Optimizer groups named `<part>` or `<part>.no_decay`, each with its own lr; trainable parameters only."""
+    rates = part_learning_rates(optim)
+    groups: dict[str, dict] = {}
+    for name, param in model.named_parameters():
+        if not param.requires_grad:
+            continue
+        part = module_part(name)
+        exempt = optim.weight_decay > 0 and _no_decay(name, param)
+        key = f"{part}.no_decay" if exempt else part
+        group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr": rates[part],
+                                        "weight_decay": 0.0 if exempt else optim.weight_decay})
+        group["params"].append(param)
+        group["param_names"].append(name)
+    order = [f"{part}{suffix}" for part in PARTS for suffix in ("", ".no_decay")]
+    return [groups[key] for key in order if key in groups]
+
+
+def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
+    """Torch AdamW over the part groups (no DeepSpeed optimizer block needed: DeepSpeed wraps this one)."""
+    groups = build_param_groups(model, optim)
+    if not groups:
+        raise ValueError("no trainable parameters: check tunable_parts")
+    for group in groups:
+        group.pop("param_names")
+    return torch.optim.AdamW(groups, lr=optim.lr, betas=tuple(optim.adam_betas), eps=optim.adam_eps,
+                             weight_decay=optim.weight_decay)
+
+
+def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
+    """As transformers' TrainingArguments: ceil(total x ratio)."""
+    return math.ceil(total_steps * warmup_ratio)
+
+
+def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
+    from transformers import get_scheduler
+
+    return get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(total_steps,
+                                                                                      optim.warmup_ratio),
+                         num_training_steps=total_steps)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The projector artifact
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
+    """Full parameters for the block (DeepSpeed ZeRO-3 partitions them); a no-op for ordinary tensors."""
+    if any(hasattr(p, "ds_id") for p in params):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
+    return contextlib.nullcontext()
+
+
+def projector_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The projector's tensors on CPU, keys `model.multi_modal_projector.linear_{1,2}.{weight,bias}`."""
+    projector = model.model.multi_modal_projector
+    params = dict(projector.named_parameters())
+    with _gathered(list(params.values())):
+        return {PROJECTOR_PREFIX + name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
+
+
+def to_upstream_projector(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Our projector keys -> upstream's `model.mm_projector.{0,2}.*`."""
+    back = {v: k for k, v in UPSTREAM_LAYER.items()}
+    result = {}
+    for key, tensor in state.items():
+        layer, kind = key.removeprefix(PROJECTOR_PREFIX).split(".")
+        result[f"model.mm_projector.{back[layer]}.{kind}"] = tensor
+    return result
+
+
+def save_projector(model: nn.Module, folder: str | Path, *, upstream_bin: bool = False) -> Path:
+    """Write `projector.safetensors` (and upstream's `mm_projector.bin` on request) into folder."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = projector_state_dict(model)
+    save_file(state, str(folder / PROJECTOR_FILE), metadata={"format": "pt", "content": "mlcd_vl projector"})
+    if upstream_bin:
+        torch.save(to_upstream_projector(state), folder / UPSTREAM_PROJECTOR_FILE)
+    return folder
+
+
+def _projector_suffix(key: str) -> str | None:
+    """'linear_1.weight' for any of our, transformers' or upstream's projector key spellings; else None."""
+    if "multi_modal_projector." in key:
+        return key.split("multi_modal_projector.", 1)[1]
+    if "mm_projector." in key:
+        layer, _, kind = key.split("mm_projector.", 1)[1].partition(".")
+        return f"{UPSTREAM_LAYER.get(layer, layer)}.{kind}"
+    return None
+
+
+def _read_safetensors(path: Path, only_projector: bool) -> dict[str, torch.Tensor]:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            return {k: handle.get_tensor(k) for k in handle.keys()
+                    if not only_projector or _projector_suffix(k) is not None}
+    except Exception as error:  # safetensors raises its own error types for bad headers
+        raise ProjectorError(f"{path}: cannot read safetensors ({error})") from error
+
+
+def read_projector(source: str | Path, *, allow_pickle: bool = False) -> tuple[dict[str, torch.Tensor], str]:
+    """The projector tensors (keys `linear_{1,2}.{weight,bias}`) of an artifact file or folder, and the file read.
+
+    A folder is searched for `projector.safetensors`, then `mm_projector.bin`, then a checkpoint's
+    `model*.safetensors` (only its projector keys are read).
+    """
+    path = Path(source)
+    if path.is_dir():
+        candidates = [path / PROJECTOR_FILE, path / UPSTREAM_PROJECTOR_FILE] + sorted(path.glob("model*.safetensors"))
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise ProjectorError(f"{path}: no {PROJECTOR_FILE}, {UPSTREAM_PROJECTOR_FILE} or model*.safetensors")
+        files = found[:1] if found[0].name in (PROJECTOR_FILE, UPSTREAM_PROJECTOR_FILE) else found
+    elif path.is_file():
+        files = [path]
+    else:
+        raise ProjectorError(f"{path}: projector artifact not found")
+    raw: dict[str, torch.Tensor] = {}
+    for file in files:
+        if file.suffix == ".safetensors":
+            raw.update(_read_safetensors(file, only_projector=file.name != PROJECTOR_FILE))
+        else:
+            from mlcd_vl.model.convert import ConvertError, load_pickle
+
+            try:
+                raw.update(load_pickle(file, allow_pickle))
+            except ConvertError as error:
+                raise ProjectorError(str(error)) from None
+    state = {}
+    for key, tensor in raw.items():
+        suffix = _projector_suffix(key)
+        if suffix not in PROJECTOR_KEYS:
+            raise ProjectorError(f"{files[0]}: unexpected key {key!r} (projector keys expected)")
+        state[suffix] = tensor
+    missing = [k for k in PROJECTOR_KEYS if k not in state]
+    if missing:
+        raise ProjectorError(f"{files[0]}: projector keys missing: {', '.join(missing)}")
+    return state, str(files[0])
+
+
+def load_projector(model: nn.Module, source: str | Path, *, allow_pickle: bool = False) -> str:
+    """Copy a stage-1 projector into `model` (shapes checked, cast to the model's dtype); returns the file read."""
+    state, origin = read_projector(source, allow_pickle=allow_pickle)
+    params = dict(model.model.multi_modal_projector.named_parameters())
+    for key, tensor in state.items():
+        expected = tuple(getattr(params[key], "ds_shape", params[key].shape))
+        if tuple(tensor.shape) != expected:
+            raise ProjectorError(f"{origin}: {key} has shape {tuple(tensor.shape)}, the model needs {expected} "
+                                 "(a projector for another tower or LLM?)")
+    with _gathered(list(params.values()), modifier_rank=0), torch.no_grad():
+        for key, tensor in state.items():
+            params[key].copy_(tensor.to(params[key].dtype))
+    return origin

@@ -1,0 +1,171 @@
+"""One micro-batch through the VLM to its loss: the batch contract and `forward_loss`.
+
+The data pipeline produces `TrainBatch`es; the trainer calls, for each optimizer step,
+
+    step = plan_micro_batches(micro_batches, config.optim.loss_normalisation)  # all-reduced across ranks
+    for batch in micro_batches:
+        forward_loss(model, settings, batch, step).loss.backward()
+
+(`plan_micro_batches` is a collective under torch.distributed; see `loss` for how the loss is normalised and what
+the caller must not do). DDP and DeepSpeed must wrap a module whose forward runs the whole computation:
+`TrainingForward(vlm, settings)` is that module.
+
+`forward_loss` embeds the prompt (`multimodal.embed_inputs`: image-token runs replaced by the images' visual token
+blocks; a zero dummy crop keeps tower and projector in the graph for text-only batches, so every rank of a ZeRO-3
+step joins the same parameter gathers), runs the language model with the batch's attention mask and position ids,
+and computes the loss on the supervised positions only.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from mlcd_vl.model.build import VLMSettings
+from mlcd_vl.model.multimodal import ImageInput, embed_inputs
+from mlcd_vl.model.pixels import dummy_pixels
+from mlcd_vl.train.loss import (IGNORE_INDEX, StepTokens, count_supervised, normalise, plan_step, shifted_targets,
+                                token_loss_sum)
+
+
+class BatchError(ValueError):
+    """A batch that breaks the contract; the message says which tensor and why."""
+
+
+@dataclass
+class TrainBatch:
+    """One micro-batch, as the data pipeline hands it to the trainer.
+
+    - input_ids [B, L] long: prompts with one `image_token_id` per visual token, right-padded.
+    - labels [B, L] long: the token to predict at each position, -100 where nothing is supervised (prompt,
+      image tokens, padding). The loss shifts them by one itself.
+    - attention_mask: [B, L] padding mask (1 = token, 0 = padding) for padded rows, or [B, 1, L, L] for packed rows:
+      an additive float mask (0 = may attend, large negative = may not) that is block-diagonal and causal, one block
+      per sample (`block_causal_mask` builds it). A bool 4D mask (True = may attend) is converted. None only for
+      packed rows on flash-attention, which takes the sample boundaries from position_ids (with SDPA or eager,
+      restarting position ids alone does NOT stop attention across samples, so `forward_loss` refuses that).
+    - position_ids [B, L] long or None: required for packed rows, restarting at 0 at every sample (a target whose
+      position id is 0 starts a sample and is never trained on); None for padded rows.
+    - images: every image of the batch in prompt order (row 0's images, then row 1's, ...), as many as the prompts
+      have image-token runs.
+    """
+
+    input_ids: torch.Tensor
+    labels: torch.Tensor
+    attention_mask: torch.Tensor | None
+    position_ids: torch.Tensor | None = None
+    images: list[ImageInput] = field(default_factory=list)
+
+    @classmethod
+    def from_collated(cls, batch: dict) -> "TrainBatch":
+        """From the data pipeline's collated dict (`data.collate` / `data.packing`); other keys are ignored."""
+        return cls(batch["input_ids"], batch["labels"], batch.get("attention_mask"), batch.get("position_ids"),
+                   list(batch.get("images") or []))
+
+    @property
+    def packed(self) -> bool:
+        return self.attention_mask is None or self.attention_mask.dim() == 4
+
+    def validate(self) -> None:
+        if self.input_ids.dim() != 2:
+            raise BatchError(f"input_ids must be [batch, length], got shape {tuple(self.input_ids.shape)}")
+        shape = tuple(self.input_ids.shape)
+        if tuple(self.labels.shape) != shape:
+            raise BatchError(f"labels shape {tuple(self.labels.shape)} differs from input_ids {shape}")
+        mask_shape = tuple(self.attention_mask.shape) if self.attention_mask is not None else None
+        if mask_shape not in (None, shape, (shape[0], 1, shape[1], shape[1])):
+            raise BatchError(f"attention_mask must be {shape} (padding) or {(shape[0], 1, shape[1], shape[1])} "
+                             f"(packed), got {mask_shape}")
+        if self.position_ids is not None and tuple(self.position_ids.shape) != shape:
+            raise BatchError(f"position_ids shape {tuple(self.position_ids.shape)} differs from input_ids {shape}")
+        if self.packed and self.position_ids is None:
+            raise BatchError("packed rows (4D or no attention_mask) need per-sample position_ids")
+        if not all(isinstance(image, ImageInput) for image in self.images):
+            raise BatchError("images must be multimodal.ImageInput objects")
+
+    def to(self, device: torch.device | str) -> "TrainBatch":
+        move = lambda t: t.to(device, non_blocking=True) if t is not None else None  # noqa: E731
+        images = [ImageInput(move(image.pixels), image.size, image.mode) for image in self.images]
+        return TrainBatch(move(self.input_ids), move(self.labels), move(self.attention_mask),
+                          move(self.position_ids), images)
+
+
+def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, L] sample numbers (1, 2, ... per packed sample; 0 = padding) -> [B, 1, L, L] additive mask.
+
+    A token attends to earlier tokens of its own sample only; padding attends to itself only (no empty rows).
+    """
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    same = segment_ids[:, :, None] == segment_ids[:, None, :]
+    padding = segment_ids == 0
+    allowed = same & causal & ~padding[:, :, None]
+    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device) & padding[:, :, None]
+    return additive_mask(allowed[:, None], dtype)
+
+
+def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A 4D attention mask in `dtype`: bool (True = attend) -> 0 / min; float masks are cast (clamped at min)."""
+    minimum = torch.finfo(dtype).min
+    if mask.dtype == torch.bool:
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, minimum)
+    return mask.to(dtype).clamp(min=minimum)
+
+
+def count_batch_supervised(batch: TrainBatch) -> int:
+    """The supervised targets `forward_loss` will train on for this batch."""
+    return count_supervised(batch.labels, batch.position_ids)
+
+
+def plan_micro_batches(micro_batches: list[TrainBatch], mode: str = "global") -> StepTokens:
+    """The step's normaliser from this rank's micro-batches (every rank must call it: it all-reduces)."""
+    return plan_step([count_batch_supervised(batch) for batch in micro_batches], mode)
+
+
+@dataclass
+class LossOutput:
+    loss: torch.Tensor  # normalised for this step: back-propagate as is
+    supervised_tokens: int  # targets of this micro-batch
+    loss_sum: torch.Tensor  # detached summed token loss (sum over the step / step.supervised = the step's mean)
+
+
+def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch,
+                 num_items_in_step: StepTokens) -> LossOutput:
+    """Embed, run the language model, and return the micro-batch loss normalised by `num_items_in_step`."""
+    batch.validate()
+    attention = getattr(model.model.language_model.config, "_attn_implementation", None) or ""
+    if batch.attention_mask is None and not attention.startswith("flash"):
+        raise BatchError(f"packed rows without a 4D block-diagonal mask leak attention across samples with "
+                         f"{attention!r} attention; build the mask (flash-attention alone may omit it)")
+    device = model.get_input_embeddings().weight.device
+    batch = batch.to(device)
+    dummy_crop = None if batch.images else dummy_pixels(settings.processor).to(device)
+    embeds = embed_inputs(model, settings, batch.input_ids, batch.images, dummy_crop=dummy_crop)
+    mask = batch.attention_mask
+    if mask is not None and mask.dim() == 4:
+        mask = additive_mask(mask, embeds.dtype)
+    outputs = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
+                                         position_ids=batch.position_ids, use_cache=False)
+    targets = shifted_targets(batch.labels, batch.position_ids)
+    supervised = targets != IGNORE_INDEX
+    hidden = outputs.last_hidden_state[:, :-1][supervised]
+    loss_sum = token_loss_sum(model.lm_head(hidden), targets[supervised])
+    count = int(supervised.sum())
+    return LossOutput(normalise(loss_sum, count, num_items_in_step), count, loss_sum.detach())
+
+
+class TrainingForward(nn.Module):
+    """The VLM with `forward(batch, step) -> LossOutput`: the module DDP / DeepSpeed wrap for training.
+
+    Its only submodule is `vlm`, so `module.vlm` is what gets saved.
+    """
+
+    def __init__(self, vlm: nn.Module, settings: VLMSettings) -> None:
+        super().__init__()
+        self.vlm = vlm
+        self.settings = settings
+
+    def forward(self, batch: TrainBatch, step: StepTokens) -> LossOutput:
+        return forward_loss(self.vlm, self.settings, batch, step)
