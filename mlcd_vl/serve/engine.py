@@ -1,0 +1,531 @@
+"""The one generation engine that chat, web demo, OpenAI-style API and evaluation share.
+
+A request is a conversation (LLaVA `from/value` or OpenAI `role/content` turns; user content is a string with
+`<image>` placeholders, or a list of OpenAI-style parts). The engine
+
+1. renders it with the checkpoint's own template (the one stored in its settings, so inference prompts equal
+   training prompts; upstream's demo drifted, reference-spec 8.13),
+2. tokenizes once and expands each `<image>` to exactly `multimodal.expected_tokens` image tokens, every image in
+   the checkpoint's image mode (upstream's `process_images` with the config, for one image or several),
+3. builds `inputs_embeds` with `multimodal.embed_inputs` (the same merge as training),
+4. generates for a whole batch at once with LEFT padding (upstream padded on the right, which made batched
+   generation wrong, reference-spec 8.10).
+
+Generation settings never leak from the checkpoint's `generation_config.json` (Qwen's ships
+`repetition_penalty 1.05`, `do_sample`, `temperature 0.7`..., reference-spec 8.12): only its stop token ids are used,
+unless a setting asks for the checkpoint's value explicitly.
+
+`Engine.generate` runs `model.generate` (KV cache). `Engine.stream` and `use_cache=False` run a small decode loop of
+our own with the same logits processors in the same order, so both paths give the same greedy tokens (tested).
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import copy
+import os
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import torch
+from PIL import Image
+from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
+                                     TopKLogitsWarper, TopPLogitsWarper)
+
+from mlcd_vl.data.templates import IMAGE_PLACEHOLDER, get_template, normalize_messages
+from mlcd_vl.model import multimodal, pixels
+from mlcd_vl.model.build import VLMSettings
+
+ImageSource = Image.Image | str | os.PathLike | bytes
+
+
+class EngineError(ValueError):
+    """A request the engine cannot serve; the message says which part is wrong."""
+
+
+@dataclass
+class GenerationSettings:
+    """Decoding settings for one `generate` / `stream` call.
+
+    `temperature` 0 means greedy. `top_k` 0 and `top_p` 1.0 disable those filters. `repetition_penalty` None takes the
+    checkpoint's value (1.0 when it has none); like upstream's generate-from-embeddings it only sees generated
+    tokens, not the prompt. `stop` strings are added to the template's own; generation ends at the first one and
+    the text is cut before it.
+    """
+
+    max_new_tokens: int = 256
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    repetition_penalty: float | None = 1.0
+    stop: tuple[str, ...] | list[str] = ()
+    seed: int | None = None
+    use_cache: bool = True
+
+    def __post_init__(self) -> None:
+        if self.max_new_tokens < 1:
+            raise EngineError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
+        if self.temperature < 0:
+            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.top_k < 0:
+            raise EngineError(f"top_k must be >= 0, got {self.top_k}")
+        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
+            raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        self.stop = tuple(self.stop)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0
+
+
+@dataclass
+class Request:
+    """One conversation to continue. `images` fill the `<image>` placeholders of string contents, in order; a
+    conversation without placeholders gets one `<image>\\n` per image in front of its first user turn (as lmms-eval
+    does for upstream). Images given as content parts are placed where the part is."""
+
+    messages: list[dict]
+    images: list[ImageSource] = field(default_factory=list)
+
+
+@dataclass
+class Prompt:
+    """A rendered, tokenized request: `input_ids` already hold one image token per visual token."""
+
+    text: str
+    input_ids: list[int]
+    images: list[multimodal.ImageInput]
+
+
+@dataclass
+class Result:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+    finish_reason: str  # "stop" (stop token or stop string) or "length"
+    token_ids: list[int] = field(default_factory=list)
+
+    @property
+    def total_tokens(self) -> int:
+        return self.prompt_tokens + self.completion_tokens
+
+
+def load_image_source(source: ImageSource) -> Image.Image:
+    """A PIL image from a PIL image, a path, raw bytes, a `file://` URL or a base64 `data:` URL (RGB)."""
+    if isinstance(source, str):
+        if source.startswith("data:"):
+            header, _, payload = source.partition(",")
+            if ";base64" not in header:
+                raise EngineError("data: image URLs must be base64-encoded")
+            try:
+                return pixels.load_rgb(base64.b64decode(payload, validate=False))
+            except (ValueError, TypeError) as error:
+                raise EngineError(f"cannot decode data: image URL ({error})") from error
+        if source.startswith("file://"):
+            source = source[len("file://"):]
+        elif source.startswith(("http://", "https://")):
+            raise EngineError(f"{source}: remote image URLs are not fetched; pass a file path or a data: URL")
+    return pixels.load_rgb(source)
+
+
+def _part_image(part: dict) -> ImageSource:
+    """The image of an OpenAI (`image_url`) or transformers-style (`image`) content part."""
+    if part.get("type") == "image_url":
+        value = part.get("image_url")
+        value = value.get("url") if isinstance(value, dict) else value
+    else:
+        value = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
+    if value is None:
+        raise EngineError(f"image content part without an image: {sorted(part)}")
+    return value
+
+
+def flatten_messages(request: Request) -> tuple[list[dict], list[ImageSource]]:
+    """Turns as `{"role", "content": str}` with `<image>` placeholders, and the images in placeholder order."""
+    given = list(request.images)
+    turns, images = [], []
+    placeholders = 0
+    for index, turn in enumerate(request.messages):
+        if not isinstance(turn, dict):
+            raise EngineError(f"message {index} is not an object")
+        role = turn.get("role", turn.get("from"))
+        content = turn.get("content", turn.get("value"))
+        if isinstance(content, list):
+            pieces = []
+            for part in content:
+                kind = part.get("type") if isinstance(part, dict) else None
+                if kind == "text":
+                    pieces.append(str(part.get("text", "")))
+                elif kind in ("image", "image_url"):
+                    pieces.append(IMAGE_PLACEHOLDER + "\n")
+                    images.append(_part_image(part))
+                else:
+                    raise EngineError(f"message {index}: unsupported content part {part!r:.80}")
+            content = "".join(pieces)
+        elif content is None:
+            content = ""
+        elif not isinstance(content, str):
+            raise EngineError(f"message {index}: content must be a string or a list of parts")
+        else:
+            count = content.count(IMAGE_PLACEHOLDER)
+            images.extend(given[placeholders:placeholders + count])
+            placeholders += count
+        turns.append({"role": role, "content": content})
+    if given and placeholders == 0:
+        first_user = next((t for t in turns if str(t["role"]).lower() in ("user", "human")), None)
+        if first_user is None:
+            raise EngineError("images were given but the conversation has no user turn")
+        first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(given) + first_user["content"]
+        images = given + images
+    elif placeholders != len(given):
+        raise EngineError(f"the conversation has {placeholders} <image> placeholder(s) in its text but "
+                          f"{len(given)} image(s) were given")
+    return turns, images
+
+
+class Engine:
+    """Model + tokenizer + settings, and the ways to run them: `prepare`, `generate`, `stream`, `chat`.
+
+    The model is put in eval mode. One call at a time per engine: servers serialize calls (or batch requests into
+    one `generate`).
+    """
+
+    def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: VLMSettings):
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.settings = settings
+        self.template = get_template(settings.template)
+        self.image_token_id = model.config.image_token_id
+        self.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        self.checkpoint_generation_config = model.generation_config or GenerationConfig()
+        self.max_positions = getattr(model.config.get_text_config(), "max_position_embeddings", None)
+
+    @classmethod
+    def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None, attn_implementation: str | None = None) -> "Engine":
+        """Load an HF-native folder; bf16 on CUDA and float32 on CPU unless `dtype` says otherwise."""
+        from mlcd_vl.model.checkpoint import load_vlm
+
+        if device is None:
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, tokenizer, settings = load_vlm(folder, dtype=dtype, device=device,
+                                              attn_implementation=attn_implementation)
+        return cls(model, tokenizer, settings)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    # ---------------------------------------------------------------- prompts
+
+    def image_input(self, source: ImageSource) -> multimodal.ImageInput:
+        """One image processed in the checkpoint's image mode."""
+        try:
+            image = load_image_source(source)
+        except pixels.ImageError as error:
+            raise EngineError(str(error)) from error
+        values = pixels.process_image(image, self.settings.processor, self.settings.mode)
+        return multimodal.ImageInput(values, image.size, self.settings.image_mode)
+
+    def prepare(self, request: Request | list[dict]) -> Prompt:
+        """Render, tokenize once, expand every `<image>` to its visual-token count."""
+        if not isinstance(request, Request):
+            request = Request(list(request))
+        turns, sources = flatten_messages(request)
+        try:
+            messages = normalize_messages(turns)
+            text = self.template.render(messages, add_generation_prompt=True)
+        except (ValueError, KeyError) as error:
+            raise EngineError(f"cannot render the conversation with template {self.template.name!r}: {error}") \
+                from error
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        placeholders = sum(1 for token in ids if token == self.image_token_id)
+        if placeholders != len(sources):
+            raise EngineError(f"the rendered prompt has {placeholders} <image> token(s) for {len(sources)} image(s)")
+        images = [self.image_input(source) for source in sources]
+        expanded, position = [], 0
+        for token in ids:
+            if token == self.image_token_id:
+                expanded.extend([token] * multimodal.expected_tokens(images[position], self.settings))
+                position += 1
+            else:
+                expanded.append(token)
+        if self.max_positions and len(expanded) >= self.max_positions:
+            raise EngineError(f"the prompt has {len(expanded)} tokens; the model holds {self.max_positions}")
+        return Prompt(text, expanded, images)
+
+    def _batch(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Left-padded ids, attention mask and the merged `inputs_embeds` for a batch of prompts."""
+        length = max(len(p.input_ids) for p in prompts)
+        ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros((len(prompts), length), dtype=torch.long)
+        for row, prompt in enumerate(prompts):
+            ids[row, length - len(prompt.input_ids):] = torch.tensor(prompt.input_ids)
+            mask[row, length - len(prompt.input_ids):] = 1
+        ids, mask = ids.to(self.device), mask.to(self.device)
+        images = [replace(image, pixels=image.pixels.to(self.device)) for p in prompts for image in p.images]
+        with torch.inference_mode():
+            embeds = multimodal.embed_inputs(self.model, self.settings, ids, images)
+        return ids, mask, embeds
+
+    # ---------------------------------------------------------------- settings
+
+    def stop_rules(self, settings: GenerationSettings) -> tuple[list[int], list[str]]:
+        """(stop token ids, stop strings): the checkpoint's EOS ids, the template's and the user's stop strings;
+        a stop string that is one special token becomes a stop id (special tokens never reach the text)."""
+        eos = self.checkpoint_generation_config.eos_token_id
+        ids = list(eos) if isinstance(eos, (list, tuple)) else ([eos] if eos is not None else [])
+        if self.tokenizer.eos_token_id is not None:
+            ids.append(self.tokenizer.eos_token_id)
+        strings = []
+        special = set(self.tokenizer.all_special_tokens) | {
+            t.content for t in self.tokenizer.added_tokens_decoder.values() if t.special}
+        for stop in (*self.template.stop_strings, *settings.stop):
+            if not stop:
+                continue
+            if stop in special:
+                ids.append(self.tokenizer.convert_tokens_to_ids(stop))
+            elif stop not in strings:
+                strings.append(stop)
+        return list(dict.fromkeys(ids)), strings
+
+    def generation_config(self, settings: GenerationSettings) -> GenerationConfig:
+        """A fresh GenerationConfig: only the checkpoint's token ids are inherited, every decoding value is ours."""
+        penalty = settings.repetition_penalty
+        if penalty is None:
+            penalty = self.checkpoint_generation_config.repetition_penalty or 1.0
+        stop_ids, stop_strings = self.stop_rules(settings)
+        sampling = dict(do_sample=True, temperature=settings.temperature, top_p=settings.top_p,
+                        top_k=settings.top_k) if not settings.greedy else dict(do_sample=False)
+        return GenerationConfig(
+            max_new_tokens=settings.max_new_tokens, num_beams=1, repetition_penalty=penalty,
+            eos_token_id=stop_ids, stop_strings=stop_strings or None, pad_token_id=self.pad_token_id,
+            bos_token_id=self.checkpoint_generation_config.bos_token_id, use_cache=True, **sampling)
+
+    def logits_processors(self, config: GenerationConfig) -> LogitsProcessorList:
+        """The processors `model.generate` applies for this config, in its order (for our own decode loop)."""
+        processors = LogitsProcessorList()
+        if config.repetition_penalty not in (None, 1.0):
+            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
+        if config.do_sample:
+            if config.temperature not in (None, 1.0):
+                processors.append(TemperatureLogitsWarper(config.temperature))
+            if config.top_k:
+                processors.append(TopKLogitsWarper(config.top_k))
+            if config.top_p is not None and config.top_p < 1.0:
+                processors.append(TopPLogitsWarper(config.top_p))
+        return processors
+
+    @contextlib.contextmanager
+    def _seeded(self, seed: int | None):
+        """Seed the sampler for this call only, leaving the global RNG state as it was."""
+        if seed is None:
+            yield
+            return
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            torch.manual_seed(seed)
+            yield
+
+    @contextlib.contextmanager
+    def _neutral_model_defaults(self):
+        """`model.generate` fills every unset value from `model.generation_config`; hide the checkpoint's sampling
+        defaults (Qwen's repetition_penalty 1.05, temperature 0.7 ...) for the duration of the call."""
+        saved = self.model.generation_config
+        self.model.generation_config = GenerationConfig(
+            eos_token_id=saved.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=saved.bos_token_id)
+        try:
+            yield
+        finally:
+            self.model.generation_config = saved
+
+    # ---------------------------------------------------------------- generation
+
+    def generate(self, requests: list[Request | list[dict]] | Request,
+                 settings: GenerationSettings | None = None) -> list[Result]:
+        """Answer a batch of requests in one left-padded generate call (greedy results equal batch-1 results)."""
+        if isinstance(requests, Request):
+            requests = [requests]
+        if not requests:
+            return []
+        settings = settings or GenerationSettings()
+        prompts = [self.prepare(request) for request in requests]
+        config = self.generation_config(settings)
+        _, stop_strings = self.stop_rules(settings)
+        _, mask, embeds = self._batch(prompts)
+        with self._seeded(settings.seed), torch.inference_mode():
+            if settings.use_cache:
+                extra = dict(tokenizer=self.tokenizer) if stop_strings else {}  # StopStringCriteria needs it
+                if config.repetition_penalty not in (None, 1.0):
+                    # transformers' own penalty, given only embeddings, skips each row's first <left padding>
+                    # generated tokens (it takes them for prompt); ours sees all of them, in the same place
+                    extra["logits_processor"] = LogitsProcessorList(
+                        [RepetitionPenaltyLogitsProcessor(config.repetition_penalty)])
+                    config = copy.deepcopy(config)
+                    config.repetition_penalty = 1.0
+                with self._neutral_model_defaults():
+                    output = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
+                                                 generation_config=config, **extra)
+                rows = output.tolist()
+            else:
+                rows = [[] for _ in prompts]
+                for step in self._decode(embeds, mask, config, use_cache=False, stop_strings=stop_strings):
+                    for row, token in zip(rows, step.tolist()):
+                        row.append(token)
+        return [self._finish(prompt, row, config, stop_strings) for prompt, row in zip(prompts, rows)]
+
+    def chat(self, messages: list[dict], images: list[ImageSource] | None = None,
+             settings: GenerationSettings | None = None) -> Result:
+        """One conversation, one answer."""
+        return self.generate([Request(messages, list(images or []))], settings)[0]
+
+    def stream(self, request: Request | list[dict], settings: GenerationSettings | None = None) -> "TextStream":
+        """Iterate over the answer's text pieces as they are decoded; `.result` holds the final `Result`."""
+        if not isinstance(request, Request):
+            request = Request(list(request))
+        return TextStream(self, request, settings or GenerationSettings())
+
+    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, *, use_cache: bool,
+                stop_strings: list[str] | tuple = ()) -> Iterator[torch.Tensor]:
+        """Our decode loop: yields the next token of every row ([batch]); finished rows get the pad id.
+
+        Same arithmetic as `model.generate`: position ids from the attention mask, float32 logits of the last
+        position, the same processors, argmax or one multinomial draw per step.
+        """
+        stop_ids = torch.tensor(config.eos_token_id, device=self.device)
+        processors = self.logits_processors(config)
+        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+        step_embeds, step_positions, cache = embeds, positions, None
+        generated = torch.empty((embeds.shape[0], 0), dtype=torch.long, device=self.device)
+        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)
+        embedding = self.model.get_input_embeddings()
+        for _ in range(config.max_new_tokens):
+            with torch.inference_mode():
+                output = self.model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
+                                    cache=cache, use_cache=use_cache, logits_to_keep=1)
+                scores = processors(generated, output.logits[:, -1, :].to(dtype=torch.float32))
+                if config.do_sample:
+                    tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
+                else:
+                    tokens = scores.argmax(dim=-1)
+                tokens = tokens.masked_fill(finished, self.pad_token_id)
+            generated = torch.cat([generated, tokens[:, None]], dim=1)
+            yield tokens
+            finished |= torch.isin(tokens, stop_ids)
+            if stop_strings:
+                for row in range(generated.shape[0]):
+                    if not finished[row] and _find_stop(self._text(generated[row].tolist()), stop_strings) is not None:
+                        finished[row] = True
+            if bool(finished.all()):
+                return
+            with torch.inference_mode():
+                new_embeds = embedding(tokens[:, None])
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+            next_positions = positions[:, -1:] + 1
+            positions = torch.cat([positions, next_positions], dim=1)
+            if use_cache:
+                cache, step_embeds, step_positions = output.cache, new_embeds, next_positions
+            else:
+                embeds = torch.cat([embeds, new_embeds.to(embeds.dtype)], dim=1)
+                step_embeds, step_positions = embeds, positions
+
+    def _text(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+
+    def _finish(self, prompt: Prompt, row: list[int], config: GenerationConfig, stop_strings: list[str]) -> Result:
+        """Cut a generated row at its first stop token or stop string; count the tokens actually generated."""
+        stop_ids = set(config.eos_token_id)
+        end = next((i for i, token in enumerate(row) if token in stop_ids), None)
+        ids = row[:end] if end is not None else list(row)
+        reason, count = ("stop", end + 1) if end is not None else ("length", len(ids))
+        text = self._text(ids)
+        cut = _find_stop(text, stop_strings)
+        if cut is not None:
+            text, reason = text[:cut], "stop"
+            count = _first_prefix_with_stop(ids, lambda part: _find_stop(self._text(part), stop_strings) is not None)
+            ids = ids[:count]
+        return Result(text=text, prompt_tokens=len(prompt.input_ids), completion_tokens=count,
+                      finish_reason=reason, token_ids=ids)
+
+
+def _find_stop(text: str, stop_strings: list[str]) -> int | None:
+    """Index of the earliest stop string in `text`, or None."""
+    found = [index for index in (text.find(stop) for stop in stop_strings) if index >= 0]
+    return min(found) if found else None
+
+
+def _first_prefix_with_stop(ids: list[int], has_stop: Callable[[list[int]], bool]) -> int:
+    """The fewest leading tokens whose text already contains a stop string (binary search: the test is monotone)."""
+    low, high = 1, len(ids)
+    while low < high:
+        middle = (low + high) // 2
+        if has_stop(ids[:middle]):
+            high = middle
+        else:
+            low = middle + 1
+    return high
+
+
+def _held_back(text: str, stop_strings: list[str]) -> int:
+    """How many trailing characters could still grow into a stop string (or finish a multi-byte character)."""
+    hold = 0
+    for stop in stop_strings:
+        for size in range(min(len(stop) - 1, len(text)), 0, -1):
+            if text.endswith(stop[:size]):
+                hold = max(hold, size)
+                break
+    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte-level BPE
+        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
+    return hold
+
+
+class TextStream:
+    """Text pieces of one answer as they are generated (decode loop with KV cache); `.result` after iteration.
+
+    The pieces concatenate to exactly `result.text`: text that might still become a stop string, or an unfinished
+    UTF-8 character, is held back until it is settled.
+    """
+
+    def __init__(self, engine: Engine, request: Request, settings: GenerationSettings):
+        self.engine, self.request, self.settings = engine, request, settings
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine, settings = self.engine, self.settings
+        prompt = engine.prepare(self.request)
+        config = engine.generation_config(settings)
+        stop_ids, stop_strings = engine.stop_rules(settings)
+        _, mask, embeds = engine._batch([prompt])
+        ids: list[int] = []
+        emitted = ""
+        with engine._seeded(settings.seed):
+            for step in engine._decode(embeds, mask, config, use_cache=settings.use_cache):  # stops checked here
+                token = int(step[0])
+                ids.append(token)
+                if token in stop_ids:
+                    break
+                text = engine._text(ids)
+                cut = _find_stop(text, stop_strings)
+                if cut is not None:
+                    break
+                visible = text[:len(text) - _held_back(text, stop_strings)]
+                if len(visible) > len(emitted) and visible.startswith(emitted):
+                    yield visible[len(emitted):]
+                    emitted = visible
+        self.result = engine._finish(prompt, ids, config, stop_strings)
+        if self.result.text.startswith(emitted) and len(self.result.text) > len(emitted):
+            yield self.result.text[len(emitted):]
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        return "".join(self)
+
+
+def as_settings(**overrides: Any) -> GenerationSettings:
+    """GenerationSettings from keyword arguments, ignoring the ones left as None (handy for CLIs and APIs)."""
+    return GenerationSettings(**{k: v for k, v in overrides.items() if v is not None})
