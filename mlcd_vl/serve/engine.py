@@ -21,171 +21,24 @@ our own with the same logits processors in the same order, so both paths give th
 
 from __future__ import annotations
 
-import base64
 import contextlib
 import copy
-import os
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Iterator
 
 import torch
-from PIL import Image
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
                                      TopKLogitsWarper, TopPLogitsWarper)
 
-from mlcd_vl.data.templates import IMAGE_PLACEHOLDER, get_template, normalize_messages
+from mlcd_vl.data.templates import get_template, normalize_messages
 from mlcd_vl.model import multimodal, pixels
 from mlcd_vl.model.build import VLMSettings
 
-ImageSource = Image.Image | str | os.PathLike | bytes
-
-
-class EngineError(ValueError):
-    """A request the engine cannot serve; the message says which part is wrong."""
-
-
-@dataclass
-class GenerationSettings:
-    """Decoding settings for one `generate` / `stream` call.
-
-    `temperature` 0 means greedy. `top_k` 0 and `top_p` 1.0 disable those filters. `repetition_penalty` None takes the
-    checkpoint's value (1.0 when it has none); like upstream's generate-from-embeddings it only sees generated
-    tokens, not the prompt. `stop` strings are added to the template's own; generation ends at the first one and
-    the text is cut before it.
-    """
-
-    max_new_tokens: int = 256
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    repetition_penalty: float | None = 1.0
-    stop: tuple[str, ...] | list[str] = ()
-    seed: int | None = None
-    use_cache: bool = True
-
-    def __post_init__(self) -> None:
-        if self.max_new_tokens < 1:
-            raise EngineError(f"max_new_tokens must be at least 1, got {self.max_new_tokens}")
-        if self.temperature < 0:
-            raise EngineError(f"temperature must be >= 0, got {self.temperature}")
-        if not 0 < self.top_p <= 1:
-            raise EngineError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.top_k < 0:
-            raise EngineError(f"top_k must be >= 0, got {self.top_k}")
-        if self.repetition_penalty is not None and self.repetition_penalty <= 0:
-            raise EngineError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
-        self.stop = tuple(self.stop)
-
-    @property
-    def greedy(self) -> bool:
-        return self.temperature == 0
-
-
-@dataclass
-class Request:
-    """One conversation to continue. `images` fill the `<image>` placeholders of string contents, in order; a
-    conversation without placeholders gets one `<image>\\n` per image in front of its first user turn (as lmms-eval
-    does for upstream). Images given as content parts are placed where the part is."""
-
-    messages: list[dict]
-    images: list[ImageSource] = field(default_factory=list)
-
-
-@dataclass
-class Prompt:
-    """A rendered, tokenized request: `input_ids` already hold one image token per visual token."""
-
-    text: str
-    input_ids: list[int]
-    images: list[multimodal.ImageInput]
-
-
-@dataclass
-class Result:
-    text: str
-    prompt_tokens: int
-    completion_tokens: int
-    finish_reason: str  # "stop" (stop token or stop string) or "length"
-    token_ids: list[int] = field(default_factory=list)
-
-    @property
-    def total_tokens(self) -> int:
-        return self.prompt_tokens + self.completion_tokens
-
-
-def load_image_source(source: ImageSource) -> Image.Image:
-    """A PIL image from a PIL image, a path, raw bytes, a `file://` URL or a base64 `data:` URL (RGB)."""
-    if isinstance(source, str):
-        if source.startswith("data:"):
-            header, _, payload = source.partition(",")
-            if ";base64" not in header:
-                raise EngineError("data: image URLs must be base64-encoded")
-            try:
-                return pixels.load_rgb(base64.b64decode(payload, validate=False))
-            except (ValueError, TypeError) as error:
-                raise EngineError(f"cannot decode data: image URL ({error})") from error
-        if source.startswith("file://"):
-            source = source[len("file://"):]
-        elif source.startswith(("http://", "https://")):
-            raise EngineError(f"{source}: remote image URLs are not fetched; pass a file path or a data: URL")
-    return pixels.load_rgb(source)
-
-
-def _part_image(part: dict) -> ImageSource:
-    """The image of an OpenAI (`image_url`) or transformers-style (`image`) content part."""
-    if part.get("type") == "image_url":
-        value = part.get("image_url")
-        value = value.get("url") if isinstance(value, dict) else value
-    else:
-        value = next((part[k] for k in ("image", "url", "path") if part.get(k) is not None), None)
-    if value is None:
-        raise EngineError(f"image content part without an image: {sorted(part)}")
-    return value
-
-
-def flatten_messages(request: Request) -> tuple[list[dict], list[ImageSource]]:
-    """Turns as `{"role", "content": str}` with `<image>` placeholders, and the images in placeholder order."""
-    given = list(request.images)
-    turns, images = [], []
-    placeholders = 0
-    for index, turn in enumerate(request.messages):
-        if not isinstance(turn, dict):
-            raise EngineError(f"message {index} is not an object")
-        role = turn.get("role", turn.get("from"))
-        content = turn.get("content", turn.get("value"))
-        if isinstance(content, list):
-            pieces = []
-            for part in content:
-                kind = part.get("type") if isinstance(part, dict) else None
-                if kind == "text":
-                    pieces.append(str(part.get("text", "")))
-                elif kind in ("image", "image_url"):
-                    pieces.append(IMAGE_PLACEHOLDER + "\n")
-                    images.append(_part_image(part))
-                else:
-                    raise EngineError(f"message {index}: unsupported content part {part!r:.80}")
-            content = "".join(pieces)
-        elif content is None:
-            content = ""
-        elif not isinstance(content, str):
-            raise EngineError(f"message {index}: content must be a string or a list of parts")
-        else:
-            count = content.count(IMAGE_PLACEHOLDER)
-            images.extend(given[placeholders:placeholders + count])
-            placeholders += count
-        turns.append({"role": role, "content": content})
-    if given and placeholders == 0:
-        first_user = next((t for t in turns if str(t["role"]).lower() in ("user", "human")), None)
-        if first_user is None:
-            raise EngineError("images were given but the conversation has no user turn")
-        first_user["content"] = (IMAGE_PLACEHOLDER + "\n") * len(given) + first_user["content"]
-        images = given + images
-    elif placeholders != len(given):
-        raise EngineError(f"the conversation has {placeholders} <image> placeholder(s) in its text but "
-                          f"{len(given)} image(s) were given")
-    return turns, images
+from mlcd_vl.serve.requests import (EngineError, GenerationSettings, ImageSource, Prompt, Request, Result,  # noqa: F401
+                                    flatten_messages, load_image_source)
+from mlcd_vl.serve.stops import find_stop, first_prefix_with_stop, held_back
 
 
 class Engine:
@@ -419,7 +272,7 @@ class Engine:
             finished |= torch.isin(tokens, stop_ids)
             if stop_strings:
                 for row in range(generated.shape[0]):
-                    if not finished[row] and _find_stop(self._text(generated[row].tolist()), stop_strings) is not None:
+                    if not finished[row] and find_stop(self._text(generated[row].tolist()), stop_strings) is not None:
                         finished[row] = True
             if bool(finished.all()):
                 return
@@ -444,44 +297,13 @@ class Engine:
         ids = row[:end] if end is not None else list(row)
         reason, count = ("stop", end + 1) if end is not None else ("length", len(ids))
         text = self._text(ids)
-        cut = _find_stop(text, stop_strings)
+        cut = find_stop(text, stop_strings)
         if cut is not None:
             text, reason = text[:cut], "stop"
-            count = _first_prefix_with_stop(ids, lambda part: _find_stop(self._text(part), stop_strings) is not None)
+            count = first_prefix_with_stop(ids, lambda part: find_stop(self._text(part), stop_strings) is not None)
             ids = ids[:count]
         return Result(text=text, prompt_tokens=len(prompt.input_ids), completion_tokens=count,
                       finish_reason=reason, token_ids=ids)
-
-
-def _find_stop(text: str, stop_strings: list[str]) -> int | None:
-    """Index of the earliest stop string in `text`, or None."""
-    found = [index for index in (text.find(stop) for stop in stop_strings) if index >= 0]
-    return min(found) if found else None
-
-
-def _first_prefix_with_stop(ids: list[int], has_stop: Callable[[list[int]], bool]) -> int:
-    """The fewest leading tokens whose text already contains a stop string (binary search: the test is monotone)."""
-    low, high = 1, len(ids)
-    while low < high:
-        middle = (low + high) // 2
-        if has_stop(ids[:middle]):
-            high = middle
-        else:
-            low = middle + 1
-    return high
-
-
-def _held_back(text: str, stop_strings: list[str]) -> int:
-    """How many trailing characters could still grow into a stop string (or finish a multi-byte character)."""
-    hold = 0
-    for stop in stop_strings:
-        for size in range(min(len(stop) - 1, len(text)), 0, -1):
-            if text.endswith(stop[:size]):
-                hold = max(hold, size)
-                break
-    if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence from byte-level BPE
-        hold = max(hold, len(text) - len(text.rstrip("\ufffd")))
-    return hold
 
 
 class TextStream:
@@ -510,10 +332,10 @@ class TextStream:
                 if token in stop_ids:
                     break
                 text = engine._text(ids)
-                cut = _find_stop(text, stop_strings)
+                cut = find_stop(text, stop_strings)
                 if cut is not None:
                     break
-                visible = text[:len(text) - _held_back(text, stop_strings)]
+                visible = text[:len(text) - held_back(text, stop_strings)]
                 if len(visible) > len(emitted) and visible.startswith(emitted):
                     yield visible[len(emitted):]
                     emitted = visible
