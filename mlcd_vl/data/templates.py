@@ -54,6 +54,9 @@ class Template:
     name: str = ""
     #: tokens the model emits to end an answer (decoded stop strings for generation)
     stop_strings: tuple[str, ...] = ()
+    #: `label_mode="upstream"`: tokens upstream un-masks everywhere, system and user turns included (reference-spec
+    #: 3.3); the label builder looks their ids up in the tokenizer (upstream hard-coded 198 for the newline)
+    upstream_unmasked_tokens: tuple[str, ...] = ()
 
     def segments(self, messages: list[Message], *, add_generation_prompt: bool = False) -> list[Segment]:
         raise NotImplementedError
@@ -97,6 +100,7 @@ class ChatMLTemplate(Template):
     name = "qwen_1_5"
     system_prompt = "You are a helpful assistant."
     stop_strings = ("<|im_end|>",)
+    upstream_unmasked_tokens = ("\n", "<|im_start|>", "<|im_end|>")
 
     def segments(self, messages: list[Message], *, add_generation_prompt: bool = False) -> list[Segment]:
         if messages and messages[0].role == "system":

@@ -1,0 +1,148 @@
+"""`mlcd-vl data check DATA`: scan a training dataset the way training will read it and report every problem.
+
+Each record goes through the same label builder as training (template, tokenization, exact visual-token counts,
+truncation rules), with every image fully decoded (`--headers-only` reads just the headers), in `--workers`
+processes with a progress bar. The report gives counts per problem with example record ids, token-length and
+visual-token statistics, a histogram of sequence lengths (PNG) and everything as JSON. The exit code is 1 when any
+record would be skipped, so the command can gate a training launch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+from pathlib import Path
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
+    check = commands.add_parser("check", help="scan a dataset and report every problem by record")
+    check.add_argument("data", help="JSON/JSONL file, parquet, saved HF dataset, YAML mixture or preset name")
+    model = check.add_mutually_exclusive_group(required=True)
+    model.add_argument("--model", help="a saved mlcd-vl / LLaVA model folder (tokenizer and image settings)")
+    model.add_argument("--tiny", action="store_true", help="use the tiny preset's tokenizer and image settings")
+    check.add_argument("--tiny-dir", default=os.path.join(tempfile.gettempdir(), "mlcd_vl_tiny"),
+                       help="where the tiny assets are written (reused when present)")
+    check.add_argument("--image-folder", help="folder that relative image paths are resolved against")
+    check.add_argument("--max-length", type=int, default=32768, help="tokens after <image> expansion")
+    check.add_argument("--template", help="override the model's template (plain, qwen_1_5)")
+    check.add_argument("--image-mode", help="override the model's image mode (square, pad, anyres, anyres_max_N)")
+    check.add_argument("--label-mode", default="default", choices=("default", "upstream"))
+    check.add_argument("--headers-only", action="store_true", help="read image headers instead of decoding images")
+    check.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
+    check.add_argument("--seed", type=int, default=0, help="seed of random mixture subsets")
+    check.add_argument("--out", default="data-check", help="folder for report.json and lengths.png")
+
+
+def _model_inputs(args):
+    """(tokenizer, VLMSettings) from a model folder or the tiny preset, with command-line overrides."""
+    from dataclasses import replace
+
+    from mlcd_vl.model import anyres
+    from mlcd_vl.model.build import VLMSettings, load_tokenizer, prepare_tokenizer
+
+    if args.model:
+        from transformers import AutoTokenizer
+
+        from mlcd_vl.model.checkpoint import read_settings
+
+        settings = read_settings(args.model)
+        tokenizer = AutoTokenizer.from_pretrained(args.model)
+    else:
+        from mlcd_vl.model.tiny import TinyShapes, write_tiny_assets
+
+        paths, shapes = write_tiny_assets(args.tiny_dir), TinyShapes()
+        size = shapes.image_size
+        settings = VLMSettings(image_mode="anyres", merge_type="spatial_unpad", crop_size=size,
+                               patch_size=shapes.patch_size, llm=str(paths["llm"]), tower=str(paths["tower"]),
+                               pinpoints=[(size, 2 * size), (2 * size, size), (2 * size, 2 * size),
+                                          (3 * size, size), (size, 3 * size)])
+        tokenizer = load_tokenizer(str(paths["llm"]))
+    if args.image_mode:
+        # the pairs transformers' classes represent: square/pad + flat, anyres(_max_N) + spatial_unpad
+        merge = "spatial_unpad" if anyres.is_anyres(args.image_mode) else "flat"
+        settings = replace(settings, image_mode=args.image_mode, merge_type=merge)
+    if args.template:
+        settings = replace(settings, template=args.template)
+    return prepare_tokenizer(tokenizer, settings.template), settings
+
+
+def _describe(values) -> dict:
+    import numpy as np
+
+    if len(values) == 0:
+        return {"count": 0}
+    array = np.asarray(values)
+    quantiles = {f"p{q}": float(np.percentile(array, q)) for q in (50, 90, 99)}
+    return {"count": int(array.size), "min": int(array.min()), "mean": round(float(array.mean()), 2),
+            "max": int(array.max()), "total": int(array.sum()), **quantiles}
+
+
+def _histogram(lengths, max_length: int, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    figure, axis = plt.subplots(figsize=(8, 4.5))
+    axis.hist(lengths, bins=min(60, max(5, len(set(lengths)))), color="#3b6ea5")
+    axis.axvline(max_length, color="#c0392b", linestyle="--", label=f"max_length {max_length}")
+    axis.set_xlabel("tokens per sample (images expanded)")
+    axis.set_ylabel("samples")
+    axis.set_title(f"sequence lengths of {len(lengths)} usable samples")
+    axis.legend()
+    figure.tight_layout()
+    figure.savefig(path, dpi=100)
+    plt.close(figure)
+
+
+def build_report(args, table, log, dataset) -> dict:
+    stats = [s for s in table.stats if s is not None]
+    visual_per_image = [count for s in stats for count in s.visual_tokens]
+    return {
+        "data": args.data, "model": args.model or "tiny", "template": dataset.builder.template.name,
+        "image_mode": dataset.settings.image_mode, "max_length": args.max_length, "label_mode": args.label_mode,
+        "records": len(dataset) + len(dataset.load_problems), "usable": len(stats), "skipped": log.to_dict(),
+        "problems": [{"id": s.record_id, "problem": s.problem.value, "detail": s.detail} for s in table.skipped],
+        "truncated": sum(s.truncated for s in stats),
+        "modalities": {"image": sum(bool(s.visual_tokens) for s in stats),
+                       "text": sum(not s.visual_tokens for s in stats)},
+        "sequence_tokens": _describe([s.length for s in stats]),
+        "text_tokens": _describe([s.text_tokens for s in stats]),
+        "supervised_tokens": _describe([s.supervised_tokens for s in stats]),
+        "visual_tokens_per_image": _describe(visual_per_image),
+        "images_per_record": _describe([len(s.visual_tokens) for s in stats]),
+    }
+
+
+def run(args) -> int:
+    if getattr(args, "data_command", None) != "check":
+        print("usage: mlcd-vl data check DATA (--model DIR | --tiny) [options]; see `mlcd-vl data check -h`")
+        return 2
+    from mlcd_vl.data.dataset import SupervisedDataset, scan
+    from mlcd_vl.data.problems import ProblemLog
+    from mlcd_vl.data.samples import DataConfig
+
+    tokenizer, settings = _model_inputs(args)
+    config = DataConfig(data=args.data, image_folder=args.image_folder, max_length=args.max_length,
+                        label_mode=args.label_mode, seed=args.seed)
+    dataset = SupervisedDataset.from_config(config, tokenizer, settings)
+    log = ProblemLog(log_first=0)
+    table = scan(dataset, workers=args.workers, decode_images=not args.headers_only, keep_stats=True,
+                 progress=True, log=log)
+    report = build_report(args, table, log, dataset)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    lengths = [s.length for s in table.stats if s is not None]
+    if lengths:
+        _histogram(lengths, args.max_length, out / "lengths.png")
+        report["histogram"] = str(out / "lengths.png")
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    print(f"{report['records']} records, {report['usable']} usable, {report['truncated']} truncated")
+    print(log.summary("problems"))
+    print(f"sequence tokens: {report['sequence_tokens']}")
+    print(f"visual tokens per image: {report['visual_tokens_per_image']}")
+    print(f"report: {out / 'report.json'}")
+    return 1 if log.total else 0

@@ -1,0 +1,74 @@
+"""Padding collator: samples -> one right-padded batch (training) or left-padded batch (generation).
+
+A batch is a dict:
+
+* `input_ids`, `labels` (IGNORE_INDEX on padding), `attention_mask` (1 = real token): [B, L];
+* `images`: the `multimodal.ImageInput`s of the whole batch in prompt order (sample by sample), which is the order
+  `multimodal.embed_inputs` fills the image tokens in;
+* `dummy_crop`: a zero crop when the batch has no image at all, so the vision tower still runs (every ZeRO-3
+  rank must take part in the same parameter gathers; anchors "ZeRO-3 hang with mixed modalities"), else None;
+* `record_ids`, `num_supervised` (shifted label count, for global token-mean losses) and `skipped` (the records
+  skipped in this batch, to be counted by the main process's `ProblemLog`).
+
+Samples arrive already truncated by the label builder, so the collator never cuts anything (upstream's collator
+truncation could drop image tokens).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from mlcd_vl.data.problems import SkippedRecord
+from mlcd_vl.data.samples import IGNORE_INDEX, Sample
+from mlcd_vl.model.build import VLMSettings
+from mlcd_vl.model.pixels import dummy_pixels
+
+
+def split_skipped(items: list) -> tuple[list[Sample], list[SkippedRecord]]:
+    samples = [item for item in items if isinstance(item, Sample)]
+    return samples, [item for item in items if isinstance(item, SkippedRecord)]
+
+
+def supervised_count(labels: torch.Tensor) -> int:
+    """Tokens a causal-LM loss is computed on: labels shifted by one, ignoring IGNORE_INDEX."""
+    return int((labels[..., 1:] != IGNORE_INDEX).sum())
+
+
+@dataclass
+class PaddingCollator:
+    """Pads a list of `Sample`s (and drops `SkippedRecord`s) into a batch dict (module docstring)."""
+
+    pad_token_id: int
+    dummy_crop: torch.Tensor | None = None
+    padding_side: str = "right"
+    pad_to_multiple_of: int | None = None
+
+    @classmethod
+    def for_model(cls, tokenizer, settings: VLMSettings, **kwargs) -> "PaddingCollator":
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+        return cls(pad, dummy_pixels(settings.processor), **kwargs)
+
+    def __call__(self, items: list) -> dict:
+        samples, skipped = split_skipped(items)
+        width = max((s.length for s in samples), default=0)
+        if self.pad_to_multiple_of and width % self.pad_to_multiple_of:
+            width += self.pad_to_multiple_of - width % self.pad_to_multiple_of
+        input_ids = torch.full((len(samples), width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((len(samples), width), IGNORE_INDEX, dtype=torch.long)
+        attention_mask = torch.zeros((len(samples), width), dtype=torch.long)
+        for row, sample in enumerate(samples):
+            cols = slice(0, sample.length) if self.padding_side == "right" else slice(width - sample.length, width)
+            input_ids[row, cols], labels[row, cols], attention_mask[row, cols] = sample.input_ids, sample.labels, 1
+        images = [image for sample in samples for image in sample.images]
+        return {
+            "input_ids": input_ids,
+            "labels": labels,
+            "attention_mask": attention_mask,
+            "images": images,
+            "dummy_crop": self.dummy_crop if not images else None,
+            "record_ids": [s.record_id for s in samples],
+            "num_supervised": supervised_count(labels),
+            "skipped": skipped,
+        }

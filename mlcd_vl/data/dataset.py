@@ -1,0 +1,168 @@
+"""The torch Dataset over records, and the length scan that samplers and `data check` use.
+
+`SupervisedDataset` is picklable and cheap to send to DataLoader workers: it holds the record source, the model's
+`VLMSettings`, the `DataConfig` and the tokenizer (or the folder to load it from); the `SampleBuilder` (and a
+tokenizer given as a folder) is created lazily, once per worker process, never per sample.
+
+`__getitem__` returns a `Sample`, or a `SkippedRecord` for a bad record (the collators carry skips to the main
+process inside the batch, where a `ProblemLog` counts them); with `strict=True` it raises `DataError` instead.
+
+`scan` measures every record without pixel work (image headers only, unless `decode_images`), in worker processes
+with a progress bar: exact token lengths for length grouping and packing, and the records to leave out up front.
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import os
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from mlcd_vl.data.problems import DataError, ProblemLog, RecordProblem, SkippedRecord
+from mlcd_vl.data.samples import DataConfig, Sample, SampleBuilder, SampleStats, record_id_of
+from mlcd_vl.data.sources import RecordSource, open_source
+from mlcd_vl.model.build import VLMSettings
+
+
+class SupervisedDataset(torch.utils.data.Dataset):
+    """Records -> `Sample`s for one model; see the module docstring."""
+
+    def __init__(self, records: RecordSource, tokenizer, settings: VLMSettings, config: DataConfig):
+        self.records, self.settings, self.config = records, settings, config
+        self._tokenizer = tokenizer  # a tokenizer, or a folder loaded lazily with model.build.load_tokenizer
+        self._builder: SampleBuilder | None = None
+
+    @classmethod
+    def from_config(cls, config: DataConfig, tokenizer, settings: VLMSettings) -> "SupervisedDataset":
+        return cls(open_source(config.data, config.image_folder, seed=config.seed, preset_dir=config.preset_dir),
+                   tokenizer, settings, config)
+
+    @property
+    def load_problems(self) -> list[SkippedRecord]:
+        """Records lost while reading the source itself (e.g. malformed JSONL lines)."""
+        return list(getattr(self.records, "load_problems", []))
+
+    @property
+    def builder(self) -> SampleBuilder:
+        if self._builder is None:
+            tokenizer = self._tokenizer
+            if isinstance(tokenizer, (str, os.PathLike)):
+                from mlcd_vl.model.build import load_tokenizer
+
+                tokenizer = load_tokenizer(str(tokenizer), self.config.template or self.settings.template)
+            self._builder = SampleBuilder(tokenizer, self.settings, self.config)
+        return self._builder
+
+    @property
+    def tokenizer(self):
+        return self.builder.tokenizer
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_builder"] = None
+        return state
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def _skip(self, index: int, problem: RecordProblem) -> SkippedRecord:
+        skipped = SkippedRecord(record_id_of(self.records[index]), problem.problem, problem.detail)
+        if self.config.strict:
+            raise DataError(skipped)
+        return skipped
+
+    def __getitem__(self, index: int) -> Sample | SkippedRecord:
+        try:
+            return self.builder.build(self.records[index])
+        except RecordProblem as problem:
+            return self._skip(index, problem)
+
+    def measure(self, index: int, *, decode_images: bool = False) -> SampleStats | SkippedRecord:
+        try:
+            return self.builder.measure(self.records[index], decode_images=decode_images)
+        except RecordProblem as problem:
+            return self._skip(index, problem)
+
+
+@dataclass
+class LengthTable:
+    """Per record: token length after <image> expansion (0 = skipped) and whether it has images."""
+
+    lengths: np.ndarray
+    has_image: np.ndarray
+    skipped: list[SkippedRecord] = field(default_factory=list)
+    stats: list[SampleStats | None] | None = None  # kept when `scan(keep_stats=True)`
+
+    @property
+    def valid(self) -> np.ndarray:
+        return np.flatnonzero(self.lengths > 0)
+
+    def modality_lengths(self) -> np.ndarray:
+        """Upstream's signed lengths: positive for records with images, negative for text-only (0 = skipped)."""
+        return np.where(self.has_image, self.lengths, -self.lengths)
+
+    def save(self, path: str) -> None:
+        np.savez(path, lengths=self.lengths, has_image=self.has_image)
+
+    @classmethod
+    def load(cls, path: str) -> "LengthTable":
+        data = np.load(path)
+        return cls(data["lengths"], data["has_image"])
+
+
+_WORKER_DATASET: SupervisedDataset | None = None
+
+
+def _init_worker(dataset: SupervisedDataset) -> None:
+    global _WORKER_DATASET
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    torch.set_num_threads(1)
+    _WORKER_DATASET = dataset
+
+
+def _measure_chunk(args: tuple[int, int, bool]) -> list[tuple[int, SampleStats | SkippedRecord]]:
+    start, stop, decode = args
+    return [(i, _WORKER_DATASET.measure(i, decode_images=decode)) for i in range(start, stop)]
+
+
+def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = False, keep_stats: bool = False,
+         progress: bool = False, log: ProblemLog | None = None, chunk: int = 64) -> LengthTable:
+    """Measure every record (in `workers` processes when > 0); skipped records are added to `log` if given."""
+    total = len(dataset)
+    lengths, has_image = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=bool)
+    stats: list[SampleStats | None] = [None] * total
+    skipped: list[SkippedRecord] = list(dataset.load_problems)
+    if workers > 0:
+        chunk = max(1, min(chunk, -(-total // (workers * 4))))  # several chunks per worker, even for small data
+    tasks = [(start, min(start + chunk, total), decode_images) for start in range(0, total, chunk)]
+    bar = None
+    if progress:
+        from tqdm.auto import tqdm
+
+        bar = tqdm(total=total, desc="scanning records", unit="rec")
+
+    def consume(results):
+        for index, result in results:
+            if isinstance(result, SkippedRecord):
+                skipped.append(result)
+            else:
+                lengths[index], has_image[index] = result.length, bool(result.visual_tokens)
+                if keep_stats:
+                    stats[index] = result
+        if bar is not None:
+            bar.update(len(results))
+
+    if workers > 0 and len(tasks) > 1:
+        with multiprocessing.get_context().Pool(workers, initializer=_init_worker, initargs=(dataset,)) as pool:
+            for results in pool.imap_unordered(_measure_chunk, tasks):
+                consume(results)
+    else:
+        for start, stop, decode in tasks:
+            consume([(i, dataset.measure(i, decode_images=decode)) for i in range(start, stop)])
+    if bar is not None:
+        bar.close()
+    if log is not None:
+        log.extend(skipped)
+    return LengthTable(lengths, has_image, skipped, stats if keep_stats else None)
