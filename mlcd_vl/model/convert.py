@@ -31,13 +31,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import sys
 from pathlib import Path
 from typing import Callable
 
 UPSTREAM_BLOCK_KEY = "mlcd_vl_upstream"  # upstream's LLaVA config fields, kept for the way back
+UPSTREAM_VOCAB_KEY = "_upstream_vocab_size"  # set when conversion had to add an embedding row for <image>
 UPSTREAM_ARCHITECTURE = "LlavaQwenForCausalLM"
 HF_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 PROJECTOR_FILE = "mm_projector.bin"
@@ -166,11 +166,11 @@ def resolve_source(name: str, src: Path, what: str, preset_lookup: Callable[[str
     return str(local) if local is not None else preset_lookup(name)
 
 
-def _hub_error(name: str, what: str, flag: str, src: Path, error: Exception) -> ConvertError:
+def _hub_error(name: str, resolved: str, what: str, flag: str, src: Path, error: Exception) -> ConvertError:
+    where = f"hub id {resolved!r}" if resolved != name else "the hub"
     return ConvertError(
         f"{what} {name!r} could not be loaded: it is no local folder (looked in the working directory, {src} and "
-        f"its parents), no known preset, and loading it from the hub failed ({type(error).__name__}: {error}). "
-        f"Pass {flag} PATH")
+        f"its parents), and loading it from {where} failed ({type(error).__name__}: {error}). Pass {flag} PATH")
 
 
 def load_tower_info(name: str, src: Path):
@@ -184,7 +184,7 @@ def load_tower_info(name: str, src: Path):
     try:
         config = AutoConfig.from_pretrained(path)
     except (OSError, ValueError) as error:
-        raise _hub_error(name, "vision tower", "--vision-tower", src, error) from error
+        raise _hub_error(name, path, "vision tower", "--vision-tower", src, error) from error
     if config.model_type in ("clip", "siglip"):
         config = config.vision_config
     crop_size, mean, std = tower_processor_settings(path, config)
@@ -215,7 +215,12 @@ def split_upstream_config(config: dict) -> tuple[dict, dict]:
 def text_config_from_upstream(text_fields: dict):
     from transformers import Qwen2Config
 
-    config = Qwen2Config.from_dict(dict(text_fields))
+    fields = dict(text_fields)
+    if "torch_dtype" in fields:  # the transformers 4.x spelling
+        fields.setdefault("dtype", fields.pop("torch_dtype"))
+    if fields.get("rope_scaling", 0) is None:  # upstream forces None (plain RoPE); transformers 5 deprecates the key
+        fields.pop("rope_scaling")
+    config = Qwen2Config.from_dict(fields)
     config.architectures = ["Qwen2ForCausalLM"]
     return config
 
@@ -254,17 +259,21 @@ def upstream_config_from_hf(config, settings, dtype_name: str, stage1: bool = Fa
     (width, height); fields kept from an upstream original (`mlcd_vl_upstream`) are restored."""
     import transformers
 
+    from mlcd_vl import presets
     from mlcd_vl.model import anyres
 
     text = config.text_config
     stored = dict(getattr(config, UPSTREAM_BLOCK_KEY, None) or {})
-    out: dict = {"_name_or_path": stored.pop("_name_or_path", settings.llm or "")}
+    original_vocab = stored.pop(UPSTREAM_VOCAB_KEY, None)
+    out: dict = {"_name_or_path": stored.pop("_name_or_path", presets.resolve_llm(settings.llm or ""))}
     out["architectures"] = ["Qwen2ForCausalLM"] if stage1 else [UPSTREAM_ARCHITECTURE]
     rope = dict(getattr(text, "rope_parameters", None) or {})
-    values = {name: getattr(text, name, None) for name in UPSTREAM_QWEN_FIELDS}
+    values = {name: getattr(text, name, None) for name in UPSTREAM_QWEN_FIELDS if name != "torch_dtype"}
     values["rope_theta"] = rope.pop("rope_theta", getattr(text, "rope_theta", None))
     values["rope_scaling"] = rope if rope.get("rope_type", "default") != "default" else None
     values["torch_dtype"] = dtype_name
+    if original_vocab is not None:
+        values["vocab_size"] = min(int(original_vocab), values["vocab_size"])
     values["tie_word_embeddings"] = bool(getattr(config, "tie_word_embeddings", False))
     if getattr(text, "pad_token_id", None) is not None:
         values["pad_token_id"] = text.pad_token_id
@@ -282,8 +291,9 @@ def upstream_config_from_hf(config, settings, dtype_name: str, stage1: bool = Fa
                 pinpoints = original_pinpoints
         except ValueError:
             pass
+    tower = presets.resolve_tower(settings.tower) if settings.tower else stored.get("mm_vision_tower")
     derived = {
-        "mm_vision_tower": settings.tower or stored.get("mm_vision_tower"),
+        "mm_vision_tower": tower,
         "mm_hidden_size": config.vision_config.hidden_size,
         "mm_vision_select_layer": config.vision_feature_layer,
         "mm_vision_select_feature": feature,
@@ -301,6 +311,26 @@ def upstream_config_from_hf(config, settings, dtype_name: str, stage1: bool = Fa
     out["model_type"] = "qwen2"
     out["transformers_version"] = transformers.__version__
     return out
+
+
+def upstream_tower_warning(name: str | None, model_type: str) -> str | None:
+    """Upstream picks the tower class from substrings of mm_vision_tower (reference-spec 1.2); say when the name
+    written would send this tower down the wrong path."""
+    if not name:
+        return "no mm_vision_tower to write; upstream cannot rebuild the tower"
+    if model_type == "mlcd_vision_model" and "mlcd-vit-bigG-patch14" not in name:
+        return (f"mm_vision_tower {name!r} lacks 'mlcd-vit-bigG-patch14', so upstream would load this MLCD RoPE "
+                "tower as a CLIP tower; rename the tower folder or edit config.json")
+    if model_type.startswith("clip") and "mlcd-vit-bigG-patch14" in name:
+        return f"mm_vision_tower {name!r} would make upstream load this CLIP-format tower as an MLCD bigG tower"
+    lowered = name.lower()
+    clip_path = (any(s in lowered for s in ("clip", "mlcd", "unicom", "dfn", "sharegpt4v"))
+                 or name.startswith(("openai", "laion", "DeepGlint")))
+    if model_type.startswith("clip") and not clip_path:
+        return f"mm_vision_tower {name!r} matches none of the names upstream's builder sends to its CLIP tower"
+    if model_type.startswith("siglip") and "siglip" not in lowered:
+        return f"mm_vision_tower {name!r} lacks 'siglip', which upstream's builder needs for a SigLIP tower"
+    return None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -352,7 +382,7 @@ def load_upstream_weights(model, state: dict, source: str, log: Log = _stderr) -
     for key, tensor in state.items():
         target = upstream_to_hf_key(key, expected)
         if target is None or target not in expected:
-            if key.endswith(".inv_freq"):  # non-persistent rotary buffers, recomputed by the model
+            if key.endswith((".inv_freq", ".position_ids")):  # buffers older versions saved; the model rebuilds them
                 ignored.append(key)
                 continue
             raise ConvertError(f"{source}: key {key!r} has no place in the {model.config.model_type} model"
@@ -376,7 +406,7 @@ def load_upstream_weights(model, state: dict, source: str, log: Log = _stderr) -
     if tied:
         model.tie_weights()
     if ignored:
-        log(f"  ignored {len(ignored)} rotary buffer(s) (recomputed): {', '.join(ignored[:3])}")
+        log(f"  ignored {len(ignored)} saved buffer(s) the model recomputes: {', '.join(ignored[:3])}")
 
 
 def _upstream_name(key: str) -> str:
@@ -415,9 +445,6 @@ def _compose(text_config, tower_config, settings, strategy: str, layer: int, tok
     from mlcd_vl.model.build import compose_config
 
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    if image_token_id >= text_config.vocab_size:
-        raise ConvertError(f"the <image> token gets id {image_token_id}, beyond the {text_config.vocab_size} "
-                           "embedding rows of the LLM; resize the LLM's embeddings before converting")
     config = compose_config(text_config, tower_config, settings, image_token_id, select_strategy=strategy,
                             select_layer=layer)
     log(f"  building {config.model_type} ({type(tower_config).__name__} tower, {dtype})")
@@ -426,17 +453,38 @@ def _compose(text_config, tower_config, settings, strategy: str, layer: int, tok
     return model
 
 
+def _ensure_image_token_row(model, log: Log) -> int | None:
+    """transformers' forward embeds the `<image>` id, so it needs a row; upstream never does (it splices -200).
+    Qwen's vocabularies have spare rows; when the tokenizer fills them all, add rows (the means of the existing
+    rows, deterministic) and return the original vocabulary size, which the way back restores."""
+    import torch
+
+    vocab = model.config.text_config.vocab_size
+    if model.config.image_token_id < vocab:
+        return None
+    log(f"  warning: the <image> id {model.config.image_token_id} lies beyond the {vocab} embedding rows; adding "
+        "rows (logits gain columns that upstream's model does not have)")
+    model.resize_token_embeddings(model.config.image_token_id + 1, mean_resizing=False)
+    with torch.no_grad():
+        for weight in {model.get_input_embeddings().weight, model.get_output_embeddings().weight}:
+            weight[vocab:] = weight[:vocab].mean(dim=0)
+    return vocab
+
+
 def _cast(state: dict, dtype) -> dict:
     return {k: (v.to(dtype) if v.is_floating_point() else v) for k, v in state.items()}
 
 
-def _load_tokenizer(path: str, template: str, what: str):
+def _load_tokenizer(path: str, template: str, what: str, config=None):
+    """The tokenizer with `<image>` added; `config` spares AutoTokenizer from parsing an upstream config.json
+    (model_type `llava_qwen` is unknown to transformers)."""
     from transformers import AutoTokenizer
 
     from mlcd_vl.model.build import prepare_tokenizer
 
+    kwargs = {"config": config} if config is not None else {}
     try:
-        return prepare_tokenizer(AutoTokenizer.from_pretrained(path), template)
+        return prepare_tokenizer(AutoTokenizer.from_pretrained(path, **kwargs), template)
     except (OSError, ValueError) as error:
         raise ConvertError(f"{path}: cannot load the tokenizer of the {what} ({error})") from error
 
@@ -477,10 +525,13 @@ def convert_upstream_to_hf(src: str | Path, dst: str | Path, *, vision_tower: st
     state = read_state_dict(src, allow_pickle)
     log(f"  read {len(state)} tensors")
     torch_dtype = _resolve_dtype(dtype, state)
-    tokenizer = _load_tokenizer(str(src), template, "checkpoint")
     text_config = text_config_from_upstream(text_fields)
+    tokenizer = _load_tokenizer(str(src), template, "checkpoint", config=text_config)
     model = _compose(text_config, tower_config, settings, strategy, layer, tokenizer, torch_dtype, log)
     load_upstream_weights(model, _cast(state, torch_dtype), str(src), log)
+    original_vocab = _ensure_image_token_row(model, log)
+    if original_vocab is not None:
+        llava_fields[UPSTREAM_VOCAB_KEY] = original_vocab
     return _finish_hf(model, tokenizer, settings, dst, str(src), llava_fields, log)
 
 
@@ -504,14 +555,15 @@ def convert_stage1_to_hf(src: str | Path, dst: str | Path, *, vision_tower: str 
         if "mm_projector." not in key:
             raise ConvertError(f"{src / PROJECTOR_FILE}: unexpected key {key!r} (mm_projector.* expected)")
         state["model.mm_projector." + key.split("mm_projector.", 1)[1]] = tensor
-    torch_dtype = _resolve_dtype(dtype, state)
     llm_name = base_llm or config.get("_name_or_path") or ""
     llm_path = resolve_source(llm_name, src, "base LLM (_name_or_path)", presets.resolve_llm)
     log(f"  base LLM {llm_name!r} -> {llm_path}")
+    llm_dtype = _resolve_dtype(dtype, {}) if dtype and dtype != "auto" else "auto"  # auto: the base LLM's own
     try:
-        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=torch_dtype)
+        llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=llm_dtype)
     except (OSError, ValueError) as error:
-        raise _hub_error(llm_name, "base LLM", "--base-llm", src, error) from error
+        raise _hub_error(llm_name, llm_path, "base LLM", "--base-llm", src, error) from error
+    torch_dtype = llm.dtype
     tower_name = config.get("mm_vision_tower") or ""
     tower_path, tower_config, crop, mean, std = load_tower_info(vision_tower or tower_name, src)
     log(f"  vision tower {tower_name!r} -> {tower_path} ({tower_config.model_type}), weights from that folder")
@@ -525,6 +577,9 @@ def convert_stage1_to_hf(src: str | Path, dst: str | Path, *, vision_tower: str 
     tokenizer = _load_tokenizer(llm_path, template, "base LLM")
     model = _compose(llm.config, tower.config, settings, strategy, layer, tokenizer, torch_dtype, log)
     load_upstream_weights(model, _cast(state, torch_dtype), f"{src} + {llm_path} + {tower_path}", log)
+    original_vocab = _ensure_image_token_row(model, log)
+    if original_vocab is not None:
+        llava_fields[UPSTREAM_VOCAB_KEY] = original_vocab
     llava_fields.setdefault("_name_or_path", llm_name)
     return _finish_hf(model, tokenizer, settings, dst, llm_path, llava_fields, log)
 
@@ -534,35 +589,59 @@ def convert_stage1_to_hf(src: str | Path, dst: str | Path, *, vision_tower: str 
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _strip_image_token(folder: Path) -> None:
-    """Upstream tokenizers carry no `<image>` (upstream adds it per call): drop it from the saved files."""
+def write_upstream_tokenizer(src: Path, dst: Path, *, padding_side: str = "right") -> None:
+    """The HF folder's tokenizer in the files upstream's transformers 4.44 / tokenizers 0.19 read: tokenizer.json
+    with string merges, vocab.json + merges.txt, a legacy tokenizer_config.json (chat template inline),
+    special_tokens_map.json and added_tokens.json. `<image>` is left out, as upstream adds it per call."""
     from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
 
-    def edit(name: str, change: Callable[[dict], None]) -> None:
-        path = folder / name
-        if path.is_file():
-            data = json.loads(path.read_text())
-            change(data)
-            path.write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
+    if not (src / "tokenizer.json").is_file():
+        raise ConvertError(f"{src}: no tokenizer.json")
+    data = read_json(src / "tokenizer.json")
+    data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != IMAGE_PLACEHOLDER]
+    model = data.get("model", {})
+    if model.get("type") == "BPE":
+        merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+        if all(len(m.split(" ")) == 2 for m in merges):  # tokenizers < 0.20 reads "a b" strings only
+            model["merges"] = merges
+        (dst / "vocab.json").write_text(json.dumps(model["vocab"], ensure_ascii=False) + "\n")
+        (dst / "merges.txt").write_text("#version: 0.2\n" + "".join(m + "\n" for m in merges))
+    (dst / "tokenizer.json").write_text(json.dumps(data, indent=2, ensure_ascii=False) + "\n")
 
-    def tokenizer_json(data: dict) -> None:
-        data["added_tokens"] = [t for t in data.get("added_tokens", []) if t.get("content") != IMAGE_PLACEHOLDER]
-
-    def tokenizer_config(data: dict) -> None:
-        decoder = data.get("added_tokens_decoder", {})
-        data["added_tokens_decoder"] = {k: v for k, v in decoder.items() if v.get("content") != IMAGE_PLACEHOLDER}
-        for key in ("additional_special_tokens", "extra_special_tokens"):
-            if isinstance(data.get(key), list):
-                data[key] = [t for t in data[key] if (t.get("content") if isinstance(t, dict) else t)
-                             != IMAGE_PLACEHOLDER]
-
-    def added_tokens(data: dict) -> None:
-        data.pop(IMAGE_PLACEHOLDER, None)
-
-    edit("tokenizer.json", tokenizer_json)
-    edit("tokenizer_config.json", tokenizer_config)
-    edit("special_tokens_map.json", tokenizer_config)
-    edit("added_tokens.json", added_tokens)
+    source = read_json(src / "tokenizer_config.json") if (src / "tokenizer_config.json").is_file() else {}
+    if "chat_template" not in source and (src / "chat_template.jinja").is_file():
+        source["chat_template"] = (src / "chat_template.jinja").read_text()
+    flags = ("lstrip", "normalized", "rstrip", "single_word")
+    added = {t["content"]: t for t in data["added_tokens"]}
+    extra = source.get("extra_special_tokens", source.get("additional_special_tokens")) or []
+    extra = [t["content"] if isinstance(t, dict) else t for t in extra if isinstance(t, (str, dict))]
+    extra = [t for t in extra if t != IMAGE_PLACEHOLDER]
+    tokenizer_class = source.get("tokenizer_class")
+    if tokenizer_class in (None, "TokenizersBackend", "PreTrainedTokenizerFast"):
+        tokenizer_class = "Qwen2Tokenizer"
+    config = {"add_prefix_space": False,
+              "added_tokens_decoder": {str(t["id"]): {**{f: t.get(f, False) for f in flags},
+                                                      "content": t["content"], "special": t.get("special", False)}
+                                       for t in data["added_tokens"]},
+              "additional_special_tokens": extra}
+    special_map: dict = {"additional_special_tokens": extra}
+    for name in ("bos_token", "eos_token", "pad_token", "unk_token"):
+        value = source.get(name)
+        value = value.get("content") if isinstance(value, dict) else value
+        config[name] = value
+        if value is not None:
+            token = added.get(value, {})
+            special_map[name] = {"content": value, **{f: token.get(f, False) for f in flags}}
+    for name in ("chat_template", "clean_up_tokenization_spaces", "errors", "model_max_length",
+                 "split_special_tokens"):
+        if name in source:
+            config[name] = source[name]
+    config.update(padding_side=padding_side, tokenizer_class=tokenizer_class)
+    (dst / "tokenizer_config.json").write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+    (dst / "special_tokens_map.json").write_text(json.dumps(special_map, indent=2, ensure_ascii=False) + "\n")
+    (dst / "added_tokens.json").write_text(
+        json.dumps({t["content"]: t["id"] for t in sorted(data["added_tokens"], key=lambda t: t["content"])},
+                   indent=2, ensure_ascii=False) + "\n")
 
 
 def convert_hf_to_upstream(src: str | Path, dst: str | Path, *, projector_only: bool = False,
@@ -570,7 +649,7 @@ def convert_hf_to_upstream(src: str | Path, dst: str | Path, *, projector_only: 
     """An HF-native folder -> upstream LlavaQwen checkpoint, or (projector_only) a stage-1 artifact."""
     import torch
     from huggingface_hub import save_torch_state_dict
-    from transformers import AutoConfig, AutoModelForImageTextToText, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from mlcd_vl.model.checkpoint import settings_from_config
 
@@ -578,6 +657,11 @@ def convert_hf_to_upstream(src: str | Path, dst: str | Path, *, projector_only: 
     log(f"converting HF-native folder {src} -> upstream {'stage-1 artifact' if projector_only else 'checkpoint'} "
         f"{dst}")
     hf_config = AutoConfig.from_pretrained(src)
+    if hf_config.model_type not in HF_MODEL_TYPES:
+        raise ConvertError(f"{src / 'config.json'}: model type {hf_config.model_type!r} is not a LLaVA composite")
+    if hf_config.text_config.model_type != "qwen2":
+        raise ConvertError(f"{src / 'config.json'}: the LLM is {hf_config.text_config.model_type!r}; upstream "
+                           f"{UPSTREAM_ARCHITECTURE} needs a Qwen2 LLM")
     settings = settings_from_config(hf_config)
     kwargs = {"dtype": getattr(torch, dtype) if dtype and dtype != "auto" else "auto"}
     try:
@@ -587,11 +671,19 @@ def convert_hf_to_upstream(src: str | Path, dst: str | Path, *, projector_only: 
     state = {}
     for key, tensor in model.state_dict().items():
         state[hf_to_upstream_key(key)] = tensor.detach().contiguous()
+    original_vocab = (getattr(model.config, UPSTREAM_BLOCK_KEY, None) or {}).get(UPSTREAM_VOCAB_KEY)
+    if original_vocab is not None:  # drop the rows conversion added for <image>
+        for key in ("model.embed_tokens.weight", "lm_head.weight"):
+            if key in state:
+                state[key] = state[key][:int(original_vocab)].clone()
     floating = [t.dtype for t in state.values() if t.is_floating_point()]
     dtype_name = str(max(set(floating), key=floating.count)).replace("torch.", "") if floating else "float32"
     dst.mkdir(parents=True, exist_ok=True)
     config = upstream_config_from_hf(model.config, settings, dtype_name, stage1=projector_only)
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    warning = upstream_tower_warning(config["mm_vision_tower"], hf_config.vision_config.model_type)
+    if warning:
+        log(f"  warning: {warning}")
     if projector_only:
         projector = {k: v.clone() for k, v in state.items() if k.startswith("model.mm_projector.")}
         torch.save(projector, dst / PROJECTOR_FILE)
@@ -601,10 +693,7 @@ def convert_hf_to_upstream(src: str | Path, dst: str | Path, *, projector_only: 
         state.pop("lm_head.weight", None)
     save_torch_state_dict(state, str(dst), max_shard_size="5GB", metadata={"format": "pt"})
     log(f"  wrote {len(state)} tensors, config.json")
-    tokenizer = AutoTokenizer.from_pretrained(src)
-    tokenizer.padding_side = config.get("tokenizer_padding_side", "right")
-    tokenizer.save_pretrained(dst)
-    _strip_image_token(dst)
+    write_upstream_tokenizer(src, dst, padding_side=config.get("tokenizer_padding_side") or "right")
     if (src / "generation_config.json").is_file():
         shutil.copyfile(src / "generation_config.json", dst / "generation_config.json")
     log("  wrote tokenizer and generation_config.json")
