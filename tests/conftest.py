@@ -42,3 +42,18 @@ def manifest(vectors_dir: Path) -> dict:
 def _deterministic_torch():
     torch.manual_seed(0)
     yield
+
+
+@pytest.fixture
+def single_thread():
+    """One torch thread: the parity vectors were made with one, and it keeps CPU tests from fighting over cores."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tmp_root(tmp_path_factory) -> Path:
+    """A temporary folder shared by the tests of one module (converted checkpoints are reused across tests)."""
+    return tmp_path_factory.getbasetemp()

@@ -29,17 +29,7 @@ from mlcd_vl.model.checkpoint import load_vlm
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _tower_folder(vectors_dir: Path, manifest: dict, name: str) -> Path:

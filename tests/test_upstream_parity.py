@@ -26,17 +26,7 @@ LOSS_ATOL = 1e-5
 BATCH_ATOL = 1e-4
 
 
-@pytest.fixture(autouse=True)
-def _few_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
-@pytest.fixture(scope="module")
-def tmp_root(tmp_path_factory) -> Path:
-    return tmp_path_factory.getbasetemp()
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _columns(vectors: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
