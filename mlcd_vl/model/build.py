@@ -128,13 +128,19 @@ def tower_processor_settings(path: str, tower_config) -> tuple[int, tuple, tuple
     return int(crop_size), tuple(processor.image_mean), tuple(processor.image_std)
 
 
+def _portable(config: dict) -> dict:
+    """A sub-config without the local path it was loaded from (provenance lives in VLMSettings.llm / .tower)."""
+    config.pop("_name_or_path", None)
+    return config
+
+
 def compose_config(text_config, vision_config, settings: VLMSettings, image_token_id: int,
                    select_strategy: str = "default", select_layer: int = -2):
     """The transformers config of the composite; `settings` is stored under `mlcd_vl`."""
     model_type = model_type_for(settings.image_mode, settings.merge_type)
     kwargs = dict(
-        text_config=text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
+        text_config=_portable(text_config.to_dict()),
+        vision_config=_portable(vision_config.to_dict()),
         image_token_id=image_token_id,
         projector_hidden_act="gelu",
         multimodal_projector_bias=True,
