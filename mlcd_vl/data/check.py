@@ -88,7 +88,10 @@ def _histogram(lengths, max_length: int, path: Path) -> None:
 
     figure, axis = plt.subplots(figsize=(8, 4.5))
     axis.hist(lengths, bins=min(60, max(5, len(set(lengths)))), color="#3b6ea5")
-    axis.axvline(max_length, color="#c0392b", linestyle="--", label=f"max_length {max_length}")
+    if max_length <= 2 * max(lengths):  # a far-away limit line would squash the histogram into one bar
+        axis.axvline(max_length, color="#c0392b", linestyle="--", label=f"max_length {max_length}")
+    else:
+        axis.plot([], [], " ", label=f"max_length {max_length} (off the chart)")
     axis.set_xlabel("tokens per sample (images expanded)")
     axis.set_ylabel("samples")
     axis.set_title(f"sequence lengths of {len(lengths)} usable samples")
