@@ -16,6 +16,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "convert": ("mlcd_vl.model.convert", "convert upstream LLaVA checkpoints to HF-native folders and back"),
     "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),
     "data": ("mlcd_vl.data.check", "check a training dataset and report every problem by record"),
+    "train": ("mlcd_vl.train.run", "train a VLM from a recipe (stage 1 projector, stage 2 full)"),
 }
 
 

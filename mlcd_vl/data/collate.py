@@ -7,8 +7,8 @@ A batch is a dict:
   `multimodal.embed_inputs` fills the image tokens in;
 * `dummy_crop`: a zero crop when the batch has no image at all, so the vision tower still runs (every ZeRO-3
   rank must take part in the same parameter gathers; anchors "ZeRO-3 hang with mixed modalities"), else None;
-* `record_ids`, `num_supervised` (shifted label count, for global token-mean losses) and `skipped` (the records
-  skipped in this batch, to be counted by the main process's `ProblemLog`).
+* `record_ids`, `num_supervised` (shifted label count, `train.loss.count_supervised`, for global token-mean
+  losses) and `skipped` (the records skipped in this batch, to be counted by the main process's `ProblemLog`).
 
 Samples arrive already truncated by the label builder, so the collator never cuts anything (upstream's collator
 truncation could drop image tokens).
@@ -24,16 +24,12 @@ from mlcd_vl.data.problems import SkippedRecord
 from mlcd_vl.data.samples import IGNORE_INDEX, Sample
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.pixels import dummy_pixels
+from mlcd_vl.train.loss import count_supervised
 
 
 def split_skipped(items: list) -> tuple[list[Sample], list[SkippedRecord]]:
     samples = [item for item in items if isinstance(item, Sample)]
     return samples, [item for item in items if isinstance(item, SkippedRecord)]
-
-
-def supervised_count(labels: torch.Tensor) -> int:
-    """Tokens a causal-LM loss is computed on: labels shifted by one, ignoring IGNORE_INDEX."""
-    return int((labels[..., 1:] != IGNORE_INDEX).sum())
 
 
 @dataclass
@@ -69,6 +65,6 @@ class PaddingCollator:
             "images": images,
             "dummy_crop": self.dummy_crop if not images else None,
             "record_ids": [s.record_id for s in samples],
-            "num_supervised": supervised_count(labels),
+            "num_supervised": count_supervised(labels),
             "skipped": skipped,
         }

@@ -20,10 +20,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlcd_vl.data.collate import split_skipped, supervised_count
+from mlcd_vl.data.collate import split_skipped
 from mlcd_vl.data.samples import IGNORE_INDEX
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.pixels import dummy_pixels
+from mlcd_vl.train.loss import count_supervised
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
 
@@ -63,14 +64,26 @@ def first_fit_decreasing(lengths: list[int] | np.ndarray, budget: int) -> list[l
     return bins + oversize
 
 
-def block_causal_mask(seq_lengths: list[int], dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[1, 1, T, T] additive mask: causal inside each sample, blocked across samples."""
-    total = sum(seq_lengths)
-    sample_of = torch.repeat_interleave(torch.arange(len(seq_lengths)), torch.tensor(seq_lengths))
-    position = torch.arange(total)
-    allowed = (sample_of[:, None] == sample_of[None, :]) & (position[None, :] <= position[:, None])
-    mask = torch.zeros(total, total, dtype=dtype).masked_fill_(~allowed, torch.finfo(dtype).min)
-    return mask[None, None]
+def block_causal_mask(segments, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """[B, 1, L, L] additive mask (0 = may attend, dtype-min = blocked), causal inside each sample.
+
+    `segments` is either a list of sample lengths (one packed row with no padding: [1, 1, T, T]) or a [B, L] tensor
+    of sample numbers (1, 2, ... per packed sample, 0 = padding). A token attends to earlier tokens of its own
+    sample only; padding attends to itself only, so no row of the mask is empty. The one mask builder of the
+    project (`train.step` re-exports it).
+    """
+    if torch.is_tensor(segments):
+        segment_ids = segments
+    else:
+        lengths = torch.tensor([int(n) for n in segments], dtype=torch.long)
+        segment_ids = torch.repeat_interleave(torch.arange(1, len(lengths) + 1), lengths)[None]
+    length = segment_ids.shape[1]
+    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
+    padding = segment_ids == 0
+    allowed = (segment_ids[:, :, None] == segment_ids[:, None, :]) & causal & ~padding[:, :, None]
+    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device) & padding[:, :, None]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=segment_ids.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
 
 
 @dataclass
@@ -97,11 +110,11 @@ class PackingCollator:
         images = [image for sample in samples for image in sample.images]
         cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(torch.tensor(seq_lengths, dtype=torch.int32), 0)
-        labels_row = cat(labels)
+        labels_row, position_ids = cat(labels), cat([torch.arange(n) for n in seq_lengths])
         return {
             "input_ids": cat([s.input_ids for s in samples]),
             "labels": labels_row,
-            "position_ids": cat([torch.arange(n) for n in seq_lengths]),
+            "position_ids": position_ids,
             "cu_seqlens": cu_seqlens,
             "seq_lengths": seq_lengths,
             "max_seqlen": max(seq_lengths, default=0),
@@ -109,7 +122,7 @@ class PackingCollator:
             "images": images,
             "dummy_crop": self.dummy_crop if not images else None,
             "record_ids": [s.record_id for s in samples],
-            "num_supervised": supervised_count(labels_row),
+            "num_supervised": count_supervised(labels_row, position_ids),
             "skipped": skipped,
         }
 

@@ -87,15 +87,18 @@ def build_hf_processor(tokenizer: PreTrainedTokenizerBase, settings: VLMSettings
 
 
 def save_vlm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: VLMSettings,
-             folder: str | Path) -> Path:
-    """Write an HF-native folder: config (with `mlcd_vl` settings), safetensors, tokenizer, processor."""
+             folder: str | Path, *, state_dict: dict | None = None) -> Path:
+    """Write an HF-native folder: config (with `mlcd_vl` settings), safetensors, tokenizer, processor.
+
+    `state_dict` replaces the model's own tensors (e.g. the consolidated weights of a ZeRO-3 model).
+    """
     folder = Path(folder)
     expected = model_type_for(settings.image_mode, settings.merge_type)
     if model.config.model_type != expected:
         raise CheckpointError(f"settings {settings.image_mode}/{settings.merge_type} need a {expected} model, "
                               f"got {model.config.model_type}")
     setattr(model.config, SETTINGS_KEY, settings.to_dict())
-    model.save_pretrained(folder, safe_serialization=True)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
     tokenizer.padding_side = "left"  # batched generation pads on the left; training sets its own side
     processor = build_hf_processor(tokenizer, settings, expected, model.config.vision_feature_select_strategy)
     processor.save_pretrained(folder)

@@ -6,6 +6,9 @@
 - `loss`: shifted token cross-entropy and its normalisation over a whole optimizer step (or upstream's).
 - `step`: the `TrainBatch` contract the data pipeline fills, `forward_loss`, and `TrainingForward`, the module
   DDP / DeepSpeed wrap.
+- `run`: the training recipe (`python -m mlcd_vl.train RECIPE key=value ...`), built from `loop` (model, data,
+  one optimizer step), `metrics` (throughput, MFU estimate, metrics.jsonl, loss curve) and `checkpointing`
+  (atomic intermediate checkpoints, resume).
 
 Submodules are imported explicitly (`from mlcd_vl.train.config import load_config`) so that importing the package
 stays cheap.

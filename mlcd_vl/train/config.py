@@ -125,6 +125,7 @@ class TrainConfig:
     logging_steps: int = 1
     save_steps: int | None = None  # None: only the final save
     save_total_limit: int | None = None
+    save_upstream_projector: bool = False  # stage 1: also write upstream's pickled mm_projector.bin
     resume: str = "latest"  # latest (newest checkpoint in output_dir, if any) | never | a checkpoint folder
     report_to: str = "none"  # none | tensorboard | wandb
     lora: LoraConfig = field(default_factory=LoraConfig)

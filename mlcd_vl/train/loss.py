@@ -42,6 +42,8 @@ def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = No
 
 
 def count_supervised(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
+    """Targets a shifted causal-LM loss trains on (the project's one supervised-token count; the collators'
+    `num_supervised` comes from here too)."""
     return int((shifted_targets(labels, position_ids) != IGNORE_INDEX).sum())
 
 

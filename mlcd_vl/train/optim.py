@@ -88,6 +88,43 @@ def apply_tunable_parts(model: nn.Module, tunable_parts: str | list[str]) -> dic
     return parameter_summary(model)
 
 
+def unreached_tower_parameters(model: nn.Module) -> list[str]:
+    """Vision-tower parameters no loss can reach: encoder layers after `vision_feature_layer` (upstream reads layer
+    -2, so the last layer never runs into the projector), `post_layernorm` and a pooling `head`.
+
+    Upstream (DeepSpeed) left them trainable with zero gradients, which AdamW without weight decay never moves;
+    DDP instead fails on parameters that get no gradient, so the recipe freezes them (`freeze_unreached`).
+    """
+    config = model.config
+    layers = config.vision_config.num_hidden_layers
+    selected = config.vision_feature_layer
+    selected = selected if isinstance(selected, (list, tuple)) else [selected]
+    last_used = max(index % (layers + 1) for index in selected)  # hidden_states[k] is the output of layer k - 1
+    names = []
+    for name, _ in model.named_parameters():
+        components = name.split(".")
+        if "vision_tower" not in components:
+            continue
+        tower = components[components.index("vision_tower") + 1:]
+        if "post_layernorm" in tower or "head" in tower:
+            names.append(name)
+        elif "layers" in tower and tower[tower.index("layers") - 1] == "encoder":
+            if int(tower[tower.index("layers") + 1]) >= last_used:
+                names.append(name)
+    return names
+
+
+def freeze_unreached(model: nn.Module) -> list[str]:
+    """Freeze `unreached_tower_parameters` (a no-op for stage 1, where the tower is frozen anyway)."""
+    names = set(unreached_tower_parameters(model))
+    frozen = []
+    for name, param in model.named_parameters():
+        if name in names and param.requires_grad:
+            param.requires_grad_(False)
+            frozen.append(name)
+    return frozen
+
+
 def parameter_summary(model: nn.Module) -> dict[str, PartCount]:
     summary = {part: PartCount() for part in PARTS}
     for name, param in model.named_parameters():
@@ -191,13 +228,19 @@ def to_upstream_projector(state: dict[str, torch.Tensor]) -> dict[str, torch.Ten
     return result
 
 
-def save_projector(model: nn.Module, folder: str | Path, *, upstream_bin: bool = False) -> Path:
-    """Write `projector.safetensors` (and upstream's `mm_projector.bin` on request) into folder."""
+def save_projector(model: nn.Module | None, folder: str | Path, *, upstream_bin: bool = False,
+                   state: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `projector.safetensors` (and upstream's `mm_projector.bin` on request) into folder.
+
+    `state` (keys as `projector_state_dict` returns them, e.g. picked from a consolidated ZeRO-3 state dict)
+    replaces reading the model.
+    """
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    state = projector_state_dict(model)
+    state = projector_state_dict(model) if state is None else {
+        key: tensor.detach().to("cpu").contiguous() for key, tensor in state.items()}
     save_file(state, str(folder / PROJECTOR_FILE), metadata={"format": "pt", "content": "mlcd_vl projector"})
     if upstream_bin:
         torch.save(to_upstream_projector(state), folder / UPSTREAM_PROJECTOR_FILE)

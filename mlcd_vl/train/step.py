@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mlcd_vl.data.packing import block_causal_mask  # noqa: F401  (re-exported: the one mask builder)
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.pixels import dummy_pixels
@@ -90,20 +91,6 @@ class TrainBatch:
         images = [ImageInput(move(image.pixels), image.size, image.mode) for image in self.images]
         return TrainBatch(move(self.input_ids), move(self.labels), move(self.attention_mask),
                           move(self.position_ids), images)
-
-
-def block_causal_mask(segment_ids: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """[B, L] sample numbers (1, 2, ... per packed sample; 0 = padding) -> [B, 1, L, L] additive mask.
-
-    A token attends to earlier tokens of its own sample only; padding attends to itself only (no empty rows).
-    """
-    length = segment_ids.shape[1]
-    causal = torch.ones(length, length, dtype=torch.bool, device=segment_ids.device).tril()
-    same = segment_ids[:, :, None] == segment_ids[:, None, :]
-    padding = segment_ids == 0
-    allowed = same & causal & ~padding[:, :, None]
-    allowed |= torch.eye(length, dtype=torch.bool, device=segment_ids.device) & padding[:, :, None]
-    return additive_mask(allowed[:, None], dtype)
 
 
 def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:

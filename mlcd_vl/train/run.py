@@ -1,0 +1,238 @@
+"""Train a VLM from a recipe: `python -m mlcd_vl.train RECIPE [section.key=value ...]`.
+
+One linear recipe for both stages (reference-spec 5), read top to bottom:
+
+1. config: recipe YAML + dotted overrides -> `TrainConfig`, written back as `<output_dir>/train_config.yaml`;
+2. model: `build_vlm` from the LLM and the tower (stage 1: square + flat, a `LlavaForConditionalGeneration`;
+   stage 2: anyres + spatial_unpad, a `LlavaNextForConditionalGeneration`), the stage-1 projector loaded when
+   `model.init_from` names one; `tiny` as LLM or tower means the locally written tiny preset;
+3. freezing by tunable parts, AdamW over per-part LR groups, warm-up + cosine (or linear / constant) schedule;
+4. data: `SupervisedDataset`, an exact length scan, length-grouped (padding) or packed batches;
+5. each optimizer step: its `grad_accum` micro-batches are gathered first, the step's supervised-token count is
+   planned (all-reduced), then forward + backward per micro-batch (no DDP sync but for the last), clipping, step;
+   a micro-batch whose records were all skipped trains on a zero-loss stand-in so ranks stay in step;
+6. logging (loss, LR per group, grad norm, throughput, padding, MFU estimate) to the console, a progress bar,
+   `<output_dir>/metrics.jsonl` and `<output_dir>/loss_curve.png`;
+7. the final save: an HF-native folder (loads with `AutoModelForImageTextToText`) and, for stage 1, the projector
+   artifact `projector.safetensors` (+ upstream's `mm_projector.bin` with `save_upstream_projector=true`).
+
+Launch: one process as is; several with `accelerate launch [--use_deepspeed ...] -m mlcd_vl.train RECIPE` or
+`torchrun --nproc_per_node N -m mlcd_vl.train RECIPE`; the recipe's `deepspeed:` JSON is used when set.
+Checkpoints every `save_steps` (`checkpointing`), resumed from the newest one by default (`resume: latest`).
+Not yet: LoRA (`lora.enabled` is refused).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+logger = logging.getLogger("mlcd_vl.train")
+PROBLEMS_FILE, METRICS_FILE, LOSS_CURVE_FILE, LENGTHS_FILE = ("data_problems.json", "metrics.jsonl",
+                                                              "loss_curve.png", "lengths.npz")
+
+
+def configure_parser(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("recipe", help="training recipe YAML (configs/recipes/*.yaml)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE",
+                        help="dotted config overrides, e.g. optim.lr=2e-5 batch.grad_accum=4 output_dir=runs/x")
+
+
+def run(args: argparse.Namespace) -> int:
+    from mlcd_vl.train.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("accelerate").setLevel(logging.WARNING)
+    result = train(load_config(args.recipe, args.overrides))
+    if result.history:  # the main process
+        print(f"done: {result.output_dir} after {result.steps} optimizer step(s)")
+    return 0
+
+
+@dataclass
+class TrainResult:
+    output_dir: Path
+    steps: int
+    history: list[dict] = field(default_factory=list)  # the logged metrics records (main process)
+    skipped: dict = field(default_factory=dict)  # records skipped while training, all ranks: ProblemLog.to_dict()
+    scan_skipped: dict = field(default_factory=dict)  # records left out by the length scan
+    projector_origin: str | None = None  # the stage-1 projector file loaded (stage 2)
+
+
+def _accelerator(config, model):
+    """accelerate's Accelerator for this recipe (DeepSpeed when the recipe names a config)."""
+    from accelerate import Accelerator, PartialState
+    from accelerate.utils import DeepSpeedPlugin
+
+    from mlcd_vl.train.loop import deepspeed_config
+
+    state = PartialState(cpu=not torch.cuda.is_available())
+    precision = config.precision_for(state.device.type)
+    kwargs = {"cpu": not torch.cuda.is_available(),
+              "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]}
+    if config.report_to != "none":
+        kwargs.update(log_with=config.report_to, project_dir=config.output_dir)
+    if config.deepspeed:
+        hidden = model.config.text_config.hidden_size
+        ds = deepspeed_config(config, hidden, state.num_processes, precision)
+        kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
+    return Accelerator(**kwargs)
+
+
+def train(config) -> TrainResult:
+    """Run the recipe `config` (a validated `TrainConfig`) to its final save."""
+    from accelerate import PartialState
+    from accelerate.utils import set_seed
+    from tqdm.auto import tqdm
+
+    from mlcd_vl.data.problems import ProblemLog
+    from mlcd_vl.model.checkpoint import save_vlm
+    from mlcd_vl.train import checkpointing, loop, metrics, optim
+    from mlcd_vl.train.config import ConfigError, save_resolved
+    from mlcd_vl.train.step import TrainingForward
+
+    # 1. Config ---------------------------------------------------------------------------------------------------
+    state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun's ranks need cpu=True (gloo)
+    main, world_size = state.is_main_process, state.num_processes
+    output_dir = Path(config.output_dir)
+    config.batch.check(world_size)
+    if config.lora.enabled:
+        raise ConfigError("lora.enabled: LoRA training is not implemented yet")
+    if main:
+        save_resolved(config, output_dir)
+    set_seed(config.seed)
+    stage1 = loop.is_stage1(config)
+    say = print if main else (lambda *_: None)
+    say(f"stage {1 if stage1 else 2} recipe -> {output_dir}; {config.batch.describe(world_size)}")
+
+    # 2. Model ----------------------------------------------------------------------------------------------------
+    with state.main_process_first():  # the tiny preset is written once
+        vlm, tokenizer, settings, origin = loop.build_model(config)
+    if origin:
+        say(f"projector loaded from {origin}")
+
+    # 3. What trains, optimizer ------------------------------------------------------------------------------------
+    optim.apply_tunable_parts(vlm, config.tunable_parts)
+    frozen = optim.freeze_unreached(vlm)  # no gradient can reach them; DDP would fail on them
+    summary = optim.parameter_summary(vlm)
+    if frozen:
+        say(f"{len(frozen)} vision-tower tensor(s) after the feature layer stay frozen (no gradient reaches them)")
+    say(optim.format_parameter_summary(summary))
+    flops = metrics.FlopsModel.from_summary(summary)
+    optimizer = optim.build_optimizer(vlm, config.optim)
+    group_names = [group["name"] for group in optimizer.param_groups]
+    accelerator = _accelerator(config, vlm)
+
+    # 4. Data -----------------------------------------------------------------------------------------------------
+    with state.main_process_first():  # the main process scans; the others read its lengths
+        data = loop.build_data(config, tokenizer, settings, rank=state.process_index, world_size=world_size,
+                               progress=main, table_path=output_dir / LENGTHS_FILE, scan=main)
+    if config.data.token_budget and not config.data.packing:
+        say("note: data.token_budget only applies to packing; padded batches use batch.per_device_batch_size")
+    if main and data.scan_log.total:
+        say(data.scan_log.summary("left out by the length scan"))
+    micro_per_epoch = len(data.sampler)
+    steps_per_epoch = math.ceil(micro_per_epoch / config.batch.grad_accum)
+    total_steps = config.optim.max_steps or max(1, math.ceil(config.optim.num_epochs * steps_per_epoch))
+    scheduler = optim.build_scheduler(optimizer, config.optim, total_steps)
+    say(f"{len(data.table.valid)} records, {micro_per_epoch} micro-batch(es) per epoch on each of {world_size} "
+        f"process(es), {steps_per_epoch} step(s) per epoch, {total_steps} step(s) in all")
+
+    model = TrainingForward(vlm, settings)
+    if accelerator.distributed_type == "DEEPSPEED":
+        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+        step_scheduler = None  # the engine steps it (and saves it with its checkpoint)
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
+        step_scheduler = scheduler
+        accelerator.register_for_checkpointing(scheduler)
+    model.train()
+    if config.report_to != "none":
+        accelerator.init_trackers("mlcd_vl", config={"output_dir": str(output_dir)})
+
+    # 5. Loop (resuming from the newest checkpoint when there is one) ---------------------------------------------
+    step, epoch, consumed, run_log = 0, 0, 0, ProblemLog()
+    resume_from = checkpointing.find_resume(config.resume, output_dir)
+    if resume_from is not None:
+        resumed = checkpointing.load_checkpoint(accelerator, resume_from)
+        step, epoch, consumed = resumed["step"], resumed["epoch"], resumed["sampler"]["position"]
+        data.sampler.load_state_dict(resumed["sampler"])
+        run_log.merge_counts(resumed["skipped"]["counts"], resumed["skipped"]["examples"])
+        say(f"resumed from {resume_from}: step {step}, epoch {epoch}, {consumed} micro-batch(es) into it")
+    peak = metrics.peak_flops(accelerator.device)
+    writer = metrics.MetricsWriter(output_dir / METRICS_FILE, keep_until=step) if main else None
+    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    crop_tokens = loop.tokens_per_crop(vlm)
+    bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not main)
+    window, window_start = metrics.StepCounts(), time.perf_counter()
+    while step < total_steps:
+        data.sampler.set_epoch(epoch)  # keeps a resumed position within the same epoch
+        epoch_log = ProblemLog()
+        for micro_batches in loop.micro_batch_groups(data.loader, config.batch.grad_accum):
+            counts, grad_norm, lrs = loop.optimizer_step(accelerator, model, optimizer, step_scheduler,
+                                                         micro_batches, config, epoch_log, pad_id, crop_tokens)
+            step, consumed = step + 1, consumed + len(micro_batches)
+            window = metrics.StepCounts.from_tensor(window.as_tensor() + counts.as_tensor())
+            bar.update(1)
+            if step % config.logging_steps == 0 or step == total_steps:
+                totals = metrics.StepCounts.from_tensor(
+                    accelerator.reduce(window.as_tensor().to(accelerator.device), "sum").cpu())
+                record = metrics.step_record(step, step / steps_per_epoch, totals,
+                                             time.perf_counter() - window_start, dict(zip(group_names, lrs)),
+                                             grad_norm, flops, peak, world_size)
+                if writer is not None:
+                    writer.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.4f}")
+                    bar.write(metrics.format_record(record))
+                if config.report_to != "none":
+                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                window, window_start = metrics.StepCounts(), time.perf_counter()
+            if config.save_steps and step % config.save_steps == 0 and step < total_steps:
+                so_far = ProblemLog()
+                for part in (run_log, epoch_log.gather()):  # gather: every rank takes part
+                    so_far.merge_counts(part.counts, part.examples)
+                trainer_state = {"step": step, "epoch": epoch, "sampler": data.sampler.state_dict(consumed=consumed),
+                                 "skipped": so_far.to_dict()}
+                saved = checkpointing.save_checkpoint(accelerator, output_dir, step, trainer_state,
+                                                      config.save_total_limit)
+                if main:
+                    bar.write(f"saved {saved}")
+            if step >= total_steps:
+                break
+        gathered = epoch_log.gather()  # every rank takes part
+        run_log.merge_counts(gathered.counts, gathered.examples)
+        if main:
+            bar.write(gathered.summary(f"epoch {epoch}: skipped records"))
+        epoch, consumed = epoch + 1, 0
+    bar.close()
+
+    # 6. Save -----------------------------------------------------------------------------------------------------
+    accelerator.wait_for_everyone()
+    full_state = None
+    if accelerator.distributed_type == "DEEPSPEED":  # consolidated 16-bit weights (every rank takes part)
+        full_state = {k.removeprefix("vlm."): v for k, v in accelerator.get_state_dict(model).items()}
+    if main:
+        vlm = accelerator.unwrap_model(model).vlm
+        save_vlm(vlm, tokenizer, settings, output_dir, state_dict=full_state)
+        if stage1:
+            projector = None if full_state is None else {
+                k: v for k, v in full_state.items() if k.startswith(optim.PROJECTOR_PREFIX)}
+            optim.save_projector(vlm, output_dir, upstream_bin=config.save_upstream_projector, state=projector)
+        problems = {"scan": data.scan_log.to_dict(), "training": run_log.to_dict()}
+        (output_dir / PROBLEMS_FILE).write_text(json.dumps(problems, indent=2) + "\n")
+        writer.close()
+        metrics.plot_loss_curve(writer.records, output_dir / LOSS_CURVE_FILE,
+                                title=f"stage {1 if stage1 else 2}: {output_dir.name}")
+        say(f"saved {output_dir}")
+    accelerator.wait_for_everyone()
+    if config.report_to != "none":
+        accelerator.end_training()
+    return TrainResult(output_dir, step, list(writer.records) if writer else [], run_log.to_dict(),
+                       data.scan_log.to_dict(), origin)
