@@ -17,6 +17,9 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),
     "data": ("mlcd_vl.data.check", "check a training dataset and report every problem by record"),
     "train": ("mlcd_vl.train.run", "train a VLM from a recipe (stage 1 projector, stage 2 full)"),
+    "chat": ("mlcd_vl.serve.cli_chat", "multi-turn terminal chat with images and streaming"),
+    "web": ("mlcd_vl.serve.web", "the Gradio web demo"),
+    "serve": ("mlcd_vl.serve.api", "an OpenAI-compatible HTTP API (binds 127.0.0.1 by default)"),
 }
 
 
@@ -25,7 +28,8 @@ def build_parser() -> argparse.ArgumentParser:
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
         module = importlib.import_module(module_name)
-        sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip())
+        sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
+                                    formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure_parser(sub)
         sub.set_defaults(_module=module)
     return parser

@@ -199,15 +199,16 @@ class Engine:
 
     # ---------------------------------------------------------------- generation
 
-    def generate(self, requests: list[Request | list[dict]] | Request,
+    def generate(self, requests: list[Request | Prompt | list[dict]] | Request,
                  settings: GenerationSettings | None = None) -> list[Result]:
-        """Answer a batch of requests in one left-padded generate call (greedy results equal batch-1 results)."""
+        """Answer a batch of requests in one left-padded generate call (greedy results equal batch-1 results).
+        Items may be prompts that `prepare` already made (servers prepare first to reject bad requests alone)."""
         if isinstance(requests, Request):
             requests = [requests]
         if not requests:
             return []
         settings = settings or GenerationSettings()
-        prompts = [self.prepare(request) for request in requests]
+        prompts = [request if isinstance(request, Prompt) else self.prepare(request) for request in requests]
         config = self.generation_config(settings)
         _, stop_strings = self.stop_rules(settings)
         _, mask, embeds = self._batch(prompts)
@@ -237,9 +238,10 @@ class Engine:
         """One conversation, one answer."""
         return self.generate([Request(messages, list(images or []))], settings)[0]
 
-    def stream(self, request: Request | list[dict], settings: GenerationSettings | None = None) -> "TextStream":
+    def stream(self, request: Request | Prompt | list[dict],
+               settings: GenerationSettings | None = None) -> "TextStream":
         """Iterate over the answer's text pieces as they are decoded; `.result` holds the final `Result`."""
-        if not isinstance(request, Request):
+        if not isinstance(request, (Request, Prompt)):
             request = Request(list(request))
         return TextStream(self, request, settings or GenerationSettings())
 
@@ -313,13 +315,13 @@ class TextStream:
     UTF-8 character, is held back until it is settled.
     """
 
-    def __init__(self, engine: Engine, request: Request, settings: GenerationSettings):
+    def __init__(self, engine: Engine, request: Request | Prompt, settings: GenerationSettings):
         self.engine, self.request, self.settings = engine, request, settings
         self.result: Result | None = None
 
     def __iter__(self) -> Iterator[str]:
         engine, settings = self.engine, self.settings
-        prompt = engine.prepare(self.request)
+        prompt = self.request if isinstance(self.request, Prompt) else engine.prepare(self.request)
         config = engine.generation_config(settings)
         stop_ids, stop_strings = engine.stop_rules(settings)
         _, mask, embeds = engine._batch([prompt])
