@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),
     "data": ("mlcd_vl.data.check", "check a training dataset and report every problem by record"),
     "train": ("mlcd_vl.train.run", "train a VLM from a recipe (stage 1 projector, stage 2 full)"),
+    "eval": ("mlcd_vl.eval.cli", "evaluate with lmms-eval: summarize results, synthetic sets, offline tasks"),
     "chat": ("mlcd_vl.serve.cli_chat", "multi-turn terminal chat with images and streaming"),
     "web": ("mlcd_vl.serve.web", "the Gradio web demo"),
     "serve": ("mlcd_vl.serve.api", "an OpenAI-compatible HTTP API (binds 127.0.0.1 by default)"),

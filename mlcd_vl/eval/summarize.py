@@ -1,0 +1,287 @@
+"""`mlcd-vl eval summarize`: lmms-eval results in the MLCD table's units, next to the published rows.
+
+Reads `*_results.json` files (from the folders given, recursively) and, when present beside them, the per-sample
+logs `*_samples_<task>.jsonl`. Scores are shown as the paper reports them: ChartQA relaxed accuracy x100, DocVQA and
+InfoVQA ANLS x100, OCRBench points out of 1000, MMMU accuracy x100 (reference-spec 6.3). Each score is recorded with
+the lmms-eval version, the chat template and every generation setting `mlcd_llava` used for it (the same
+`effective_generation` the adapter runs). Warnings: OCRBench on fewer than its 1000 items (lmms-eval always divides
+by 1000), runs on fewer documents than the official split, empty answers in the sample logs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mlcd_vl.eval import BENCHMARKS, MODEL_ID, Benchmark, benchmark_for_task, effective_generation
+
+COLUMNS = [b.name for b in BENCHMARKS]
+
+#: reference-spec 6.3: LLaVA-NeXT recipe, Qwen2.5-7B, LCS-558K + LLaVA-NeXT-Data, lmms-eval 0.2.0.
+PUBLISHED: list[tuple[str, dict[str, float]]] = [
+    ("CLIP (ViT-L-14-336px)", dict(ChartQA=66.52, DocVQA=75.21, InfoVQA=38.88, OCRBench=525, MMMU=44.20)),
+    ("SigLIP (ViT-SO400M-384px)", dict(ChartQA=69.28, DocVQA=76.71, InfoVQA=41.38, OCRBench=554, MMMU=46.78)),
+    ("DFN5B (ViT-H-14-378px)", dict(ChartQA=64.36, DocVQA=70.87, InfoVQA=38.59, OCRBench=473, MMMU=48.00)),
+    ("MLCD (ViT-L-14-336px)", dict(ChartQA=67.84, DocVQA=76.46, InfoVQA=43.48, OCRBench=531, MMMU=44.30)),
+    ("MLCD (ViT-bigG-14-336px)", dict(ChartQA=71.07, DocVQA=79.63, InfoVQA=44.38, OCRBench=572, MMMU=46.78)),
+    ("MLCD (ViT-bigG-14-448px)", dict(ChartQA=73.80, DocVQA=83.34, InfoVQA=46.59, OCRBench=582, MMMU=46.00)),
+]
+
+
+class SummaryError(ValueError):
+    """No usable results: the message names the path."""
+
+
+@dataclass
+class Score:
+    benchmark: Benchmark
+    task: str
+    value: float | None  # in the paper's unit
+    documents: int | None
+    generation: dict
+    empty_answers: int | None = None
+    ocrbench_points: int | None = None
+
+
+@dataclass
+class Run:
+    path: Path
+    model: str
+    model_args: str
+    lmms_eval_version: str
+    template: str
+    batch_size: str
+    scores: dict[str, Score] = field(default_factory=dict)
+    other_tasks: list[str] = field(default_factory=list)
+
+
+@dataclass
+class Summary:
+    runs: list[Run]
+    warnings: list[str]
+    markdown: str
+
+
+def find_results(paths: list[str | Path]) -> list[Path]:
+    found: list[Path] = []
+    for raw in paths:
+        path = Path(raw)
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir():
+            matches = sorted(path.rglob("*_results.json"))
+            if not matches:
+                raise SummaryError(f"{path}: no *_results.json inside (did lmms-eval fail? it exits 0 when it does)")
+            found.extend(matches)
+        else:
+            raise SummaryError(f"{path}: no such file or folder")
+    return found
+
+
+def parse_model_args(text: str | dict | None) -> dict:
+    """lmms-eval's `k=v,k2=v2` model_args as a dict of strings."""
+    if isinstance(text, dict):
+        return {k: str(v) for k, v in text.items()}
+    pairs = [part.split("=", 1) for part in (text or "").split(",") if "=" in part]
+    return {k.strip(): v.strip() for k, v in pairs}
+
+
+def installed_lmms_eval_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("lmms_eval")
+    except PackageNotFoundError:
+        return "not installed"
+
+
+def lmms_eval_version(recorded: str | None) -> str:
+    """The results file's version when it is a release number; lmms-eval writes `branch@commit` of whatever git
+    repository surrounds it (or unknown@unknown), so otherwise take the installed one and say so."""
+    if recorded and re.fullmatch(r"v?\d+\.\d+(\.\d+)?\S*", recorded):
+        return recorded
+    return f"{installed_lmms_eval_version()} (installed here; the file records {recorded!r})"
+
+
+def checkpoint_template(model_args: dict) -> str:
+    """The template the adapter used: conv_template=, else the checkpoint's (or its converted copy's) config."""
+    if model_args.get("conv_template"):
+        return model_args["conv_template"]
+    pretrained = model_args.get("pretrained")
+    if not pretrained:
+        return "unknown"
+    source = Path(pretrained).expanduser()
+    for folder in (source, source.parent / f"{source.name}.mlcd-hf"):
+        config = folder / "config.json"
+        if config.is_file():
+            data = json.loads(config.read_text())
+            template = (data.get("mlcd_vl") or {}).get("template")
+            if template:
+                return template
+    return "unknown (checkpoint not readable here)"
+
+
+def _samples(results_path: Path, task: str) -> list[dict] | None:
+    stamp = results_path.name[: -len("_results.json")]
+    path = results_path.with_name(f"{stamp}_samples_{task}.jsonl")
+    if not path.is_file():
+        return None
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _answer(sample: dict) -> str:
+    answer = sample.get("filtered_resps", sample.get("resps", ""))
+    while isinstance(answer, list) and answer:
+        answer = answer[0]
+    return answer if isinstance(answer, str) else ""
+
+
+def read_run(path: Path, warnings: list[str]) -> Run:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as error:
+        raise SummaryError(f"{path}: not a results file ({error})") from error
+    if "results" not in data:
+        raise SummaryError(f"{path}: no 'results' key (not an lmms-eval results file)")
+    config = data.get("config") or {}
+    args = parse_model_args(config.get("model_args"))
+    run = Run(path=path, model=str(config.get("model", "?")), model_args=str(config.get("model_args", "")),
+              lmms_eval_version=lmms_eval_version(data.get("lmms_eval_version")),
+              template=checkpoint_template(args) if config.get("model") == MODEL_ID else "the model's own",
+              batch_size=str(config.get("batch_size", "?")))
+    for task, metrics in sorted(data["results"].items()):
+        benchmark = benchmark_for_task(task)
+        if benchmark is None:
+            run.other_tasks.append(task)
+            continue
+        raw = metrics.get(f"{benchmark.metric},none")
+        value = float(raw) * benchmark.scale if isinstance(raw, (int, float)) else None
+        if value is None:
+            warnings.append(f"{path}: {task} has no numeric {benchmark.metric} ({raw!r})")
+        documents = (data.get("n-samples") or {}).get(task, {}).get("effective")
+        task_config = (data.get("configs") or {}).get(task, {})
+        generation, _ = effective_generation(
+            task_config.get("generation_kwargs") or {}, max_new_tokens=int(args.get("max_new_tokens", 1024)),
+            repetition_penalty=args.get("repetition_penalty", 1.0),
+            stop_at_until=args.get("stop_at_until", "true").lower() not in ("false", "0", "no"))
+        score = Score(benchmark, task, value, documents, generation)
+        samples = _samples(path, task)
+        if samples is not None:
+            score.empty_answers = sum(1 for s in samples if not _answer(s).strip())
+            documents = score.documents = score.documents or len(samples)
+            if benchmark.name == "OCRBench":
+                score.ocrbench_points = sum(int((s.get("ocrbench_accuracy") or {}).get("score", 0)) for s in samples)
+            if score.empty_answers:
+                warnings.append(f"{path.name}: {task}: {score.empty_answers} of {len(samples)} answers are empty")
+        if benchmark.name == "OCRBench" and documents is not None and documents < benchmark.full_size:
+            warnings.append(f"{path.name}: {task} ran on {documents} of OCRBench's 1000 items, but its score is "
+                            f"always points/1000: {value if value is not None else '?'} is at most {documents}, "
+                            "not comparable with the published numbers")
+        elif documents is not None and documents < benchmark.full_size:
+            warnings.append(f"{path.name}: {task} ran on {documents} of {benchmark.full_size} documents of the "
+                            f"official split: not comparable with the published numbers")
+        if benchmark.name in run.scores:
+            warnings.append(f"{path.name}: {benchmark.name} appears twice ({run.scores[benchmark.name].task}, "
+                            f"{task}); the table shows {task}")
+        run.scores[benchmark.name] = score
+    return run
+
+
+def _number(value: float | None, benchmark_name: str) -> str:
+    if value is None:
+        return "-"
+    return f"{value:.1f}" if benchmark_name == "OCRBench" else f"{value:.2f}"
+
+
+def _run_label(run: Run) -> str:
+    pretrained = parse_model_args(run.model_args).get("pretrained")
+    return f"{run.model}: {Path(pretrained).name}" if pretrained else run.model
+
+
+def _stop(generation: dict) -> str:
+    return ", ".join(json.dumps(s) for s in generation["stop"]) or "none"
+
+
+def render(runs: list[Run], warnings: list[str], published: bool = True) -> str:
+    lines = ["# Evaluation summary", "",
+             "Units: ChartQA relaxed accuracy x100 (test), DocVQA and InfoVQA ANLS x100 (val), OCRBench points of "
+             "1000, MMMU accuracy x100 (val).", "",
+             "| Model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for number, run in enumerate(runs, start=1):
+        cells = [_number(run.scores[c].value, c) if c in run.scores else "" for c in COLUMNS]
+        lines.append(f"| [{number}] {_run_label(run)} | " + " | ".join(cells) + " |")
+    if published:
+        for name, row in PUBLISHED:
+            cells = [_number(row[c], c) for c in COLUMNS]
+            lines.append(f"| published: {name} | " + " | ".join(cells) + " |")
+        lines += ["", "Published rows: MLCD README (LLaVA-NeXT recipe, Qwen2.5-7B, LCS-558K + LLaVA-NeXT-Data, "
+                      "lmms-eval 0.2.0, `llava` model with fp16 and the checkpoint's repetition_penalty 1.05)."]
+    for number, run in enumerate(runs, start=1):
+        lines += ["", f"## [{number}] {run.path}", "",
+                  f"- lmms-eval: {run.lmms_eval_version}",
+                  f"- model: `{run.model}`, model_args `{run.model_args}`, batch size {run.batch_size}",
+                  f"- template: {run.template}", "",
+                  "| Benchmark | task | score | documents | max_new_tokens | temperature | top_p | top_k | "
+                  "num_beams | repetition_penalty | stop strings (until) |",
+                  "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+        for column in COLUMNS:
+            if column not in run.scores:
+                continue
+            s = run.scores[column]
+            g = s.generation
+            penalty = "checkpoint's" if g["repetition_penalty"] is None else g["repetition_penalty"]
+            score = _number(s.value, column)
+            if s.ocrbench_points is not None:
+                score += f" ({s.ocrbench_points} of {s.documents} items right)"
+            lines.append(f"| {column} | {s.task} | {score} | {s.documents if s.documents is not None else '?'} | "
+                         f"{g['max_new_tokens']} | {g['temperature']} | {g['top_p']} | {g['top_k']} | 1 | "
+                         f"{penalty} | {_stop(g)} |")
+        if run.other_tasks:
+            lines += ["", f"Other tasks in this file (not in the MLCD table): {', '.join(run.other_tasks)}"]
+        if run.model != MODEL_ID:
+            lines += ["", f"Generation settings above are those `{MODEL_ID}` would use; this run used `{run.model}`."]
+    if warnings:
+        lines += ["", "## Warnings", ""] + [f"- {w}" for w in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def summarize_paths(paths: list[str | Path], published: bool = True) -> Summary:
+    warnings: list[str] = []
+    runs = [read_run(path, warnings) for path in find_results(paths)]
+    return Summary(runs, warnings, render(runs, warnings, published))
+
+
+def check_results(paths: list[str | Path], tasks: list[str]) -> list[str]:
+    """Problems that make a run unusable: a requested task missing from every results file, or one of its metrics
+    (the task config's metric_list) missing or not a number. lmms-eval exits 0 on failure, so scripts check this."""
+    try:
+        files = find_results(paths)
+    except SummaryError as error:
+        return [str(error)]
+    problems = []
+    for task in tasks:
+        holders = []
+        for path in files:
+            try:
+                data = json.loads(path.read_text())
+            except (OSError, json.JSONDecodeError):
+                continue
+            if task in (data.get("results") or {}):
+                holders.append(data)
+        if not holders:
+            problems.append(f"{task}: in no results file")
+            continue
+        data = holders[-1]
+        metrics = [m.get("metric") for m in (data.get("configs") or {}).get(task, {}).get("metric_list") or []]
+        benchmark = benchmark_for_task(task)
+        if not metrics and benchmark is not None:
+            metrics = [benchmark.metric]
+        if not metrics:
+            problems.append(f"{task}: the results file lists no metrics for it")
+        for metric in metrics:
+            value = data["results"][task].get(f"{metric},none")
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                problems.append(f"{task}: metric {metric} is {value!r}, not a number")
+    return problems
