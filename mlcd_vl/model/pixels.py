@@ -8,13 +8,15 @@ without constructing a processor per crop. `load_rgb` is the one place images ar
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
+import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageFile, ImageOps
 
 from mlcd_vl.model import anyres
 
@@ -93,7 +95,8 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int
         try:
             if image.width * image.height > max_pixels:
                 raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
-            image.load()  # truncated or corrupt files fail here, not later inside a worker
+            with _strict_decoding():
+                image.load()  # truncated or corrupt files fail here, not later inside a worker
         except (ImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
             image.close()
             if isinstance(error, ImageError):
@@ -106,6 +109,25 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int
     if not upstream_convert:
         image = ImageOps.exif_transpose(image)
     return _to_rgb(image, composite_on_white=not upstream_convert)
+
+
+_DECODING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _strict_decoding():
+    """Decode with Pillow's truncated-image tolerance off, whatever another library set globally.
+
+    lmms-eval (like upstream) sets `ImageFile.LOAD_TRUNCATED_IMAGES = True` at import, which would let a cut-off
+    file decode silently with grey filler; a training or eval sample must fail loudly instead.
+    """
+    with _DECODING_LOCK:
+        previous = ImageFile.LOAD_TRUNCATED_IMAGES
+        ImageFile.LOAD_TRUNCATED_IMAGES = False
+        try:
+            yield
+        finally:
+            ImageFile.LOAD_TRUNCATED_IMAGES = previous
 
 
 def _to_rgb(image: Image.Image, *, composite_on_white: bool) -> Image.Image:
