@@ -300,7 +300,7 @@ def test_two_process_ddp_run_with_checkpoint(workspace, stage1):
 
 @pytest.mark.parametrize("name", ["zero2.json", "zero3.json", "zero3_offload.json"])
 def test_deepspeed_config_has_no_auto_left(name):
-    """DeepSpeed itself is not exercised on CPU here; the recipe fills every "auto" as the HF Trainer would."""
+    """The recipe fills every "auto" as the HF Trainer would (runs under DeepSpeed: test_train_deepspeed.py)."""
     config = load_config(RECIPES / "mlcd_bigG448_stage2.yaml", [f"deepspeed={REPO / 'configs' / 'deepspeed' / name}"])
     ds = loop.deepspeed_config(config, hidden_size=3584, world_size=8, precision="bf16")
     assert "auto" not in json.dumps(ds)

@@ -6,7 +6,7 @@ Distribution is accelerate's business (device, DDP, DeepSpeed), set up from outs
 * the samplers shard the data themselves (every rank computes the same global plan and takes its share), so the
   DataLoader is NOT passed to `accelerator.prepare` (it would shard a second time);
 * the LR scheduler is stepped here once per optimizer step (accelerate would step a prepared scheduler once per
-  process), except under DeepSpeed, whose engine steps it;
+  process), under DeepSpeed too (it is not handed to the engine, which only steps DeepSpeed's own schedules);
 * the loss is normalised by `train.loss` for the whole step, so accelerate must not divide it by the accumulation
   steps (gradient_accumulation_steps stays 1 outside DeepSpeed; under DeepSpeed `scale_wrt_gas=False`).
 """
@@ -135,8 +135,11 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
                                             drop_last=config.data.drop_last)
         collator = PaddingCollator.for_model(tokenizer, settings)
     workers = config.data.num_workers
+    # Its own generator: starting an iterator draws a base seed, which must not come from the global RNG (a run
+    # resumed mid-epoch starts one more iterator than the uninterrupted run, so dropout masks would differ).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=workers,
-                                         persistent_workers=False, prefetch_factor=2 if workers else None)
+                                         persistent_workers=False, prefetch_factor=2 if workers else None,
+                                         generator=torch.Generator().manual_seed(config.seed))
     return Data(dataset, table, sampler, loader, scan_log)
 
 
@@ -231,8 +234,8 @@ def optimizer_step(accelerator, model, optimizer, scheduler, micro_batches: list
     max_norm = config.optim.max_grad_norm or 0.0
     norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
     optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if scheduler is not None and not getattr(optimizer, "step_was_skipped", False):
+        scheduler.step()  # not after an fp16 overflow skip (GradScaler or DeepSpeed's loss scaler), as HF Trainer
     optimizer.zero_grad(set_to_none=True)
     grad_norm = float(norm) if norm is not None else None
     return counts, grad_norm, lrs

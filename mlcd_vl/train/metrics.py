@@ -12,6 +12,10 @@ i.e. the usual "6N per token" (2N forward + 4N backward) applied to every parame
 attention's quadratic term and padding ignored. Peak FLOPs per device come from `MLCD_VL_PEAK_FLOPS` (FLOP/s,
 e.g. 989e12) or from a small table of dense bf16 tensor-core peaks by GPU name; on CPU or an unknown GPU the MFU
 is None ("n/a").
+
+Trackers (`report_to: tensorboard | wandb`, through accelerate): the numeric fields of each record, the learning
+rates as `lr/<group>`, and the resolved config flattened to dotted keys. TensorBoard event files go to
+`<output_dir>/mlcd_vl/`, wandb's run folder to `<output_dir>/wandb/` (`WANDB_MODE=offline` needs no account).
 """
 
 from __future__ import annotations
@@ -169,3 +173,35 @@ def plot_loss_curve(records: list[dict], path: str | Path, title: str = "trainin
     figure.savefig(path)
     plt.close(figure)
     return Path(path)
+
+
+def tracker_values(record: dict) -> dict[str, float]:
+    """What a tracker gets from one metrics record: numbers only, learning rates as `lr/<group>`."""
+    values = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    values.update({f"lr/{name}": lr for name, lr in record.get("lr", {}).items()})
+    return values
+
+
+def tracker_config(config) -> dict:
+    """The resolved config as flat `section.key` -> scalar (lists as strings), for the trackers' hparams."""
+    from mlcd_vl.train.config import config_to_dict
+
+    flat: dict = {}
+
+    def walk(prefix: str, value) -> None:
+        if isinstance(value, dict):
+            for key, item in value.items():
+                walk(f"{prefix}.{key}" if prefix else key, item)
+        else:
+            flat[prefix] = value if isinstance(value, (int, float, str, bool)) else str(value)
+
+    walk("", config_to_dict(config))
+    return flat
+
+
+def tracker_init_kwargs(report_to: str, output_dir: str | Path) -> dict:
+    if report_to == "wandb":
+        folder = Path(output_dir)
+        folder.mkdir(parents=True, exist_ok=True)
+        return {"wandb": {"dir": str(folder), "name": folder.name}}
+    return {}

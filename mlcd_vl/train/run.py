@@ -19,7 +19,10 @@ One linear recipe for both stages (reference-spec 5), read top to bottom:
 Launch: one process as is; several with `accelerate launch [--use_deepspeed ...] -m mlcd_vl.train RECIPE` or
 `torchrun --nproc_per_node N -m mlcd_vl.train RECIPE`; the recipe's `deepspeed:` JSON is used when set.
 Checkpoints every `save_steps` (`checkpointing`), resumed from the newest one by default (`resume: latest`).
-Not yet: LoRA (`lora.enabled` is refused).
+DeepSpeed (`zero`): the recipe's JSON with every "auto" filled from the recipe; torch AdamW and our schedule are
+handed over (the schedule stays ours: stepped once per optimizer step, saved with the checkpoint); ZeRO-3's final
+weights are consolidated from a sharded save. LoRA (`lora`): adapters on the LLM, merged before the final save.
+Logging: `report_to: tensorboard | wandb` (accelerate's trackers; `WANDB_MODE=offline` works without a key).
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class TrainResult:
     skipped: dict = field(default_factory=dict)  # records skipped while training, all ranks: ProblemLog.to_dict()
     scan_skipped: dict = field(default_factory=dict)  # records left out by the length scan
     projector_origin: str | None = None  # the stage-1 projector file loaded (stage 2)
+    model: torch.nn.Module | None = field(default=None, repr=False)  # the final (merged) VLM, main process
 
 
 def _accelerator(config, model):
@@ -75,7 +79,9 @@ def _accelerator(config, model):
 
     state = PartialState(cpu=not torch.cuda.is_available())
     precision = config.precision_for(state.device.type)
-    kwargs = {"cpu": not torch.cuda.is_available(),
+    # DeepSpeed on CPU: the process group is already gloo (PartialState(cpu=True) above); cpu=True here would make
+    # accelerate silently drop the DeepSpeed plugin and fall back to DDP.
+    kwargs = {"cpu": not torch.cuda.is_available() and not config.deepspeed,
               "mixed_precision": {"bf16": "bf16", "fp16": "fp16", "fp32": "no"}[precision]}
     if config.report_to != "none":
         kwargs.update(log_with=config.report_to, project_dir=config.output_dir)
@@ -94,17 +100,19 @@ def train(config) -> TrainResult:
 
     from mlcd_vl.data.problems import ProblemLog
     from mlcd_vl.model.checkpoint import save_vlm
-    from mlcd_vl.train import checkpointing, loop, metrics, optim
+    from mlcd_vl.train import checkpointing, lora, loop, metrics, optim, zero
     from mlcd_vl.train.config import ConfigError, save_resolved
     from mlcd_vl.train.step import TrainingForward
 
     # 1. Config ---------------------------------------------------------------------------------------------------
+    if config.deepspeed:
+        zero.single_process_launch_env()  # DeepSpeed needs a process group, even for one process
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun's ranks need cpu=True (gloo)
     main, world_size = state.is_main_process, state.num_processes
     output_dir = Path(config.output_dir)
     config.batch.check(world_size)
-    if config.lora.enabled:
-        raise ConfigError("lora.enabled: LoRA training is not implemented yet")
+    if config.lora.enabled and config.deepspeed and zero.config_stage(config.deepspeed) == 3:
+        raise ConfigError("lora.enabled: LoRA with ZeRO-3 is not supported yet (use zero2.json or no DeepSpeed)")
     if main:
         save_resolved(config, output_dir)
     set_seed(config.seed)
@@ -121,6 +129,7 @@ def train(config) -> TrainResult:
     # 3. What trains, optimizer ------------------------------------------------------------------------------------
     optim.apply_tunable_parts(vlm, config.tunable_parts)
     frozen = optim.freeze_unreached(vlm)  # no gradient can reach them; DDP would fail on them
+    tuner = lora.apply_lora(vlm, config.lora, config.tunable_parts_list) if config.lora.enabled else None
     summary = optim.parameter_summary(vlm)
     if frozen:
         say(f"{len(frozen)} vision-tower tensor(s) after the feature layer stay frozen (no gradient reaches them)")
@@ -146,16 +155,14 @@ def train(config) -> TrainResult:
         f"process(es), {steps_per_epoch} step(s) per epoch, {total_steps} step(s) in all")
 
     model = TrainingForward(vlm, settings)
-    if accelerator.distributed_type == "DEEPSPEED":
-        model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
-        step_scheduler = None  # the engine steps it (and saves it with its checkpoint)
-    else:
-        model, optimizer = accelerator.prepare(model, optimizer)
-        step_scheduler = scheduler
-        accelerator.register_for_checkpointing(scheduler)
+    # The schedule stays ours under DeepSpeed too: stepped once per optimizer step by `loop.optimizer_step` and
+    # saved as a custom checkpoint object (accelerate would step a prepared LambdaLR once per process).
+    model, optimizer = accelerator.prepare(model, optimizer)
+    accelerator.register_for_checkpointing(scheduler)
     model.train()
     if config.report_to != "none":
-        accelerator.init_trackers("mlcd_vl", config={"output_dir": str(output_dir)})
+        accelerator.init_trackers("mlcd_vl", config=metrics.tracker_config(config),
+                                  init_kwargs=metrics.tracker_init_kwargs(config.report_to, output_dir))
 
     # 5. Loop (resuming from the newest checkpoint when there is one) ---------------------------------------------
     step, epoch, consumed, run_log = 0, 0, 0, ProblemLog()
@@ -176,7 +183,7 @@ def train(config) -> TrainResult:
         data.sampler.set_epoch(epoch)  # keeps a resumed position within the same epoch
         epoch_log = ProblemLog()
         for micro_batches in loop.micro_batch_groups(data.loader, config.batch.grad_accum):
-            counts, grad_norm, lrs = loop.optimizer_step(accelerator, model, optimizer, step_scheduler,
+            counts, grad_norm, lrs = loop.optimizer_step(accelerator, model, optimizer, scheduler,
                                                          micro_batches, config, epoch_log, pad_id, crop_tokens)
             step, consumed = step + 1, consumed + len(micro_batches)
             window = metrics.StepCounts.from_tensor(window.as_tensor() + counts.as_tensor())
@@ -192,7 +199,7 @@ def train(config) -> TrainResult:
                     bar.set_postfix(loss=f"{record['loss']:.4f}")
                     bar.write(metrics.format_record(record))
                 if config.report_to != "none":
-                    accelerator.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
+                    accelerator.log(metrics.tracker_values(record), step=step)
                 window, window_start = metrics.StepCounts(), time.perf_counter()
             if config.save_steps and step % config.save_steps == 0 and step < total_steps:
                 so_far = ProblemLog()
@@ -216,10 +223,14 @@ def train(config) -> TrainResult:
     # 6. Save -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
     full_state = None
-    if accelerator.distributed_type == "DEEPSPEED":  # consolidated 16-bit weights (every rank takes part)
-        full_state = {k.removeprefix("vlm."): v for k, v in accelerator.get_state_dict(model).items()}
+    if accelerator.distributed_type == "DEEPSPEED" and zero.zero_stage(accelerator) == 3:  # every rank takes part
+        full_state = zero.consolidated_state_dict(accelerator, model, output_dir, step)
+    final = None
     if main:
         vlm = accelerator.unwrap_model(model).vlm
+        if tuner is not None:
+            vlm = lora.merge(tuner)  # a plain model again: the saved folder needs no PEFT
+        final = vlm
         save_vlm(vlm, tokenizer, settings, output_dir, state_dict=full_state)
         if stage1:
             projector = None if full_state is None else {
@@ -235,4 +246,4 @@ def train(config) -> TrainResult:
     if config.report_to != "none":
         accelerator.end_training()
     return TrainResult(output_dir, step, list(writer.records) if writer else [], run_log.to_dict(),
-                       data.scan_log.to_dict(), origin)
+                       data.scan_log.to_dict(), origin, final)

@@ -1,0 +1,37 @@
+"""What the launcher scripts (`scripts/pretrain.sh`, `scripts/finetune.sh`) ask before they start a run.
+
+    python -m mlcd_vl.train.launch RECIPE --world-size N [section.key=value ...]
+
+prints the resolved recipe's batch arithmetic for N processes (per device x processes x accumulation) and fails,
+with the config's own message, when the recipe or an override does not load or `batch.global_batch_size` does
+not fit, so a bad launch stops before torchrun starts N processes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def main(argv: list[str] | None = None) -> int:
+    from mlcd_vl.train.config import ConfigError, load_config
+
+    parser = argparse.ArgumentParser(prog="python -m mlcd_vl.train.launch", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("recipe")
+    parser.add_argument("--world-size", type=int, required=True, help="processes in all (GPUs x nodes)")
+    parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    args = parser.parse_intermixed_args(argv)
+    try:
+        config = load_config(args.recipe, args.overrides)
+        config.batch.check(args.world_size)
+    except ConfigError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    print(f"effective {config.batch.describe(args.world_size)}"
+          + (f"; deepspeed {config.deepspeed}" if config.deepspeed else "") + f"; output {config.output_dir}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

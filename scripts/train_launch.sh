@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Shared by scripts/pretrain.sh and scripts/finetune.sh (which set DEFAULT_RECIPE): start `python -m mlcd_vl.train`
+# on every GPU of this node with torchrun, or across the hosts of HOSTFILE with the deepspeed launcher.
+#
+# Environment (upstream's names and defaults, reference-spec 5.1):
+#   NUM_GPUS=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=29500
+#   RECIPE       the recipe YAML (default: the script's MLCD bigG-448 recipe)
+#   HOSTFILE     when set, launch with `deepspeed --hostfile HOSTFILE` instead of torchrun
+#   PYTHON       interpreter (default: the repository's .venv if present, else python)
+# Arguments are recipe overrides (section.key=value), passed through, e.g. data.train=... optim.max_steps=10.
+# The effective global batch (per device x GPUs x nodes x accumulation, from the resolved recipe) is printed
+# first; a recipe with batch.global_batch_size that does not fit the launch stops here.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+NUM_GPUS=${NUM_GPUS:-8} NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0}
+MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-29500}
+RECIPE=${RECIPE:-${DEFAULT_RECIPE:?set RECIPE}}
+if [[ -z ${PYTHON:-} ]]; then
+  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+fi
+export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
+if command -v nvidia-smi >/dev/null 2>&1; then
+  export ACCELERATE_CPU_AFFINITY=${ACCELERATE_CPU_AFFINITY:-1}  # as upstream; needs GPUs
+fi
+
+"$PYTHON" -m mlcd_vl.train.launch "$RECIPE" --world-size $((NUM_GPUS * NNODES)) "$@"
+
+if [[ -n ${HOSTFILE:-} ]]; then
+  exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NUM_GPUS" \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank \
+    --module mlcd_vl.train "$RECIPE" "$@"
+fi
+exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK" \
+  --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" -m mlcd_vl.train "$RECIPE" "$@"

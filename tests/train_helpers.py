@@ -1,0 +1,80 @@
+"""Shared by the training tests that launch runs: a tiny LLaVA-JSON dataset and subprocess launches.
+
+The dataset: one-colour images of different sizes with captions (stage 1, plain template) and colour questions
+(stage 2), plus text-only records. Launches run `python -m mlcd_vl.train` (or torchrun / a launcher script) with
+one torch thread per process and the tiny preset written once into a shared folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+REPO = Path(__file__).resolve().parents[1]
+RECIPES = REPO / "configs" / "recipes"
+DEEPSPEED = REPO / "configs" / "deepspeed"
+TINY_DIR_ENV = "MLCD_VL_TINY_DIR"
+COLOURS = {"red": ((220, 30, 30), (56, 56)), "green": ((30, 200, 40), (112, 56)),
+           "blue": ((30, 40, 220), (56, 112)), "yellow": ((230, 220, 30), (84, 70))}
+
+
+def write_dataset(root: Path) -> dict:
+    """Images and three JSON files under root: captions (4 image records), chat (4 image + 1 text-only) and
+    mixed (3 image records, then 1 text-only: with 2 ranks x 1 x 2 accumulation its one step puts an image on
+    one rank and the text-only record on the other in the same micro-step)."""
+    images = root / "images"
+    images.mkdir(parents=True, exist_ok=True)
+    captions, chat = [], []
+    for name, (rgb, size) in COLOURS.items():
+        Image.new("RGB", size, rgb).save(images / f"{name}.png")
+        captions.append({"id": f"cap-{name}", "image": f"{name}.png", "conversations": [
+            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A {name} square."}]})
+        chat.append({"id": f"qa-{name}", "image": f"{name}.png", "conversations": [
+            {"from": "human", "value": "<image>\nWhat colour is the picture?"},
+            {"from": "gpt", "value": f"It is {name}."}]})
+    text = {"id": "text-only", "conversations": [{"from": "human", "value": "How many bars are there?"},
+                                                 {"from": "gpt", "value": "There are two bars."}]}
+    files = {"captions": captions, "chat": chat + [text], "mixed": chat[:3] + [text]}
+    paths = {"root": root, "images": str(images), "tiny": str(root / "tiny")}
+    for name, records in files.items():
+        (root / f"{name}.json").write_text(json.dumps(records))
+        paths[name] = str(root / f"{name}.json")
+    return paths
+
+
+def env_for(data: dict, **extra: str) -> dict:
+    """The environment of a launched run: one thread, offline, the shared tiny preset."""
+    env = dict(os.environ, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
+               PYTHONPATH=str(REPO), **{TINY_DIR_ENV: data["tiny"]})
+    env.update(extra)
+    return env
+
+
+def train_command(recipe: str, overrides: list[str], processes: int = 1, port: int | None = None) -> list[str]:
+    """`python -m mlcd_vl.train` for one process, torchrun (gloo on CPU) for several."""
+    if processes == 1:
+        return [sys.executable, "-m", "mlcd_vl.train", str(RECIPES / recipe), *overrides]
+    rendezvous = ["--standalone"] if port is None else ["--master_addr", "127.0.0.1", "--master_port", str(port)]
+    return [sys.executable, "-m", "torch.distributed.run", *rendezvous, "--nproc_per_node", str(processes),
+            "-m", "mlcd_vl.train", str(RECIPES / recipe), *overrides]
+
+
+def launch(command: list[str], env: dict, timeout: float) -> subprocess.CompletedProcess:
+    """Run to completion; a run that hangs (e.g. a ZeRO-3 collective deadlock) fails at `timeout` seconds."""
+    try:
+        done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                              check=False)
+    except subprocess.TimeoutExpired as error:
+        out = (error.stdout or b"")[-3000:]
+        raise AssertionError(f"run did not finish in {timeout} s (hang?): {' '.join(command)}\n{out!r}") from None
+    assert done.returncode == 0, f"{' '.join(command)}\n{done.stdout[-4000:]}\n{done.stderr[-4000:]}"
+    return done
+
+
+def metrics(folder: Path) -> list[dict]:
+    return [json.loads(line) for line in (Path(folder) / "metrics.jsonl").read_text().splitlines()]
