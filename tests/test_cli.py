@@ -60,13 +60,11 @@ def test_help_lists_every_command():
         assert name in done.stdout
 
 
-def test_demo_runs_and_answers(tmp_path):
-    done = mlcd_vl("demo", "--workdir", str(tmp_path / "demo"))
+def test_demo_help_names_its_options():
+    """The demo itself (it trains for minutes) runs in tests/test_demo.py."""
+    done = mlcd_vl("demo", "--help")
     assert done.returncode == 0, done.stderr
-    assert "Question: What shapes and colours are in this picture?" in done.stdout
-    assert "Answer:" in done.stdout and "visual tokens" in done.stdout
-    assert "random" in done.stdout
-    assert (tmp_path / "demo" / "model" / "config.json").is_file()
+    assert "--quick" in done.stdout and "--workdir" in done.stdout and "runs/demo" in done.stdout
 
 
 def test_ask_on_a_built_tiny_model(tiny_model):
