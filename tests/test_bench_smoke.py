@@ -1,0 +1,76 @@
+"""Smoke test of the benchmark scripts: each runs in --quick (or --dry-run) mode and writes its result file.
+
+No timing is asserted anywhere (timings never go in tests): only that the code paths run and the files appear, named
+`<what>_<machine>_<YYYY-MM-DD>.md` under `--out`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+BENCH = REPO / "bench"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    sys.path.insert(0, str(BENCH))
+    try:
+        yield lambda name: importlib.import_module(name)
+    finally:
+        sys.path.remove(str(BENCH))
+
+
+def only_result(out: Path, what: str, machine: str) -> str:
+    files = sorted(out.glob(f"{what}_*.md"))
+    assert len(files) == 1, files
+    name = files[0].name
+    assert name.startswith(f"{what}_{machine}_") and name.endswith(".md")
+    text = files[0].read_text()
+    assert "load average" in text and "torch" in text
+    return text
+
+
+def test_result_path_and_header(bench, tmp_path):
+    common = bench("common")
+    path = common.result_path(tmp_path / "r", "thing")
+    assert path.parent.is_dir() and path.name == f"thing_{common.machine_name()}_{common.today()}.md"
+    assert "torch" in common.versions() and len(common.load_average().split(",")) == 3
+
+
+def test_train_throughput_quick(bench, tmp_path):
+    assert bench("train_throughput").main(["--quick", "--out", str(tmp_path)]) == 0
+    text = only_result(tmp_path, "train_throughput", bench("common").machine_name())
+    for mode in ("| padded |", "| grouped |", "| packed |", "packed / padded", "4D block"):
+        assert mode in text
+    assert len(list(tmp_path.glob("train_throughput_*_loss.png"))) == 1
+
+
+def test_data_throughput_quick(bench, tmp_path):
+    assert bench("data_throughput").main(["--quick", "--out", str(tmp_path)]) == 0  # 1 = LUT candidate not exact
+    text = only_result(tmp_path, "data_throughput", bench("common").machine_name())
+    assert "1920x1080" in text and "decode" in text and "Bit-exact against the current code" in text
+
+
+def test_memory_quick(bench, tmp_path):
+    assert bench("memory").main(["--quick", "--out", str(tmp_path)]) == 0
+    text = only_result(tmp_path, "memory", bench("common").machine_name())
+    assert "| 512 | padded |" in text and "| 512 | packed |" in text
+
+
+def test_gpu_step_dry_run_and_no_cuda_exit(bench, tmp_path):
+    assert bench("gpu_step").main(["--dry-run", "--out", str(tmp_path)]) == 0
+    text = only_result(tmp_path, "gpu_step", "dry-run-cpu")
+    assert "| packed |" in text and "| padded |" in text
+    import torch
+
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, str(BENCH / "gpu_step.py"), "--out", str(tmp_path / "none")],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "no CUDA" in done.stderr
+        assert not (tmp_path / "none").exists()
