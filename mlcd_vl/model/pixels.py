@@ -9,6 +9,7 @@ without constructing a processor per crop. `load_rgb` is the one place images ar
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import os
 import threading
@@ -146,17 +147,28 @@ def _to_rgb(image: Image.Image, *, composite_on_white: bool) -> Image.Image:
     return image.convert("RGB")
 
 
-def _normalize(image: Image.Image, settings: ProcessorSettings) -> np.ndarray:
-    """CLIPImageProcessor's rescale and normalise, in its dtypes: x*1/255 in float64 -> float32, then (x-m)/s."""
-    array = np.asarray(image, dtype=np.uint8).astype(np.float64) * (1 / 255)
-    array = array.astype(np.float32)
-    mean = np.array(settings.mean, dtype=np.float32)
-    std = np.array(settings.std, dtype=np.float32)
-    array = (array - mean) / std
-    return np.ascontiguousarray(array.transpose(2, 0, 1))
+@functools.lru_cache(maxsize=8)
+def _normalization_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """[3, 256] float32: every uint8 value through CLIPImageProcessor's rescale and normalise, in its dtypes
+    (x * 1/255 in float64 -> float32, then (x - mean) / std in float32), so a lookup gives the same bits."""
+    values = np.arange(256, dtype=np.uint8).astype(np.float64) * (1 / 255)
+    values = values.astype(np.float32)
+    table = (values[:, None] - np.array(mean, dtype=np.float32)) / np.array(std, dtype=np.float32)
+    return np.ascontiguousarray(table.T)
 
 
-def clip_preprocess(image: Image.Image, settings: ProcessorSettings) -> np.ndarray:
+def _normalize(image: Image.Image, settings: ProcessorSettings, out: np.ndarray | None = None) -> np.ndarray:
+    """Rescale + normalise an RGB crop into [3, H, W] float32 by table lookup (2-3x faster than the arithmetic)."""
+    table = _normalization_table(tuple(settings.mean), tuple(settings.std))
+    array = np.asarray(image, dtype=np.uint8)
+    if out is None:
+        out = np.empty((3, array.shape[0], array.shape[1]), dtype=np.float32)
+    for channel in range(3):
+        np.take(table[channel], array[..., channel], out=out[channel])
+    return out
+
+
+def clip_preprocess(image: Image.Image, settings: ProcessorSettings, out: np.ndarray | None = None) -> np.ndarray:
     """Shortest-edge bicubic resize, centre crop (zero-padded when smaller), rescale, normalise -> [3, S, S]."""
     width, height = image.size
     edge = settings.resize_edge
@@ -166,7 +178,7 @@ def clip_preprocess(image: Image.Image, settings: ProcessorSettings) -> np.ndarr
     if new_size != image.size:
         image = image.resize(new_size, resample=Image.Resampling.BICUBIC)
     image = _center_crop(image, settings.crop_size)
-    return _normalize(image, settings)
+    return _normalize(image, settings, out)
 
 
 def _center_crop(image: Image.Image, size: int) -> Image.Image:
@@ -212,7 +224,10 @@ def process_image(image: Image.Image, settings: ProcessorSettings, mode: ImageMo
     """Pixels for one RGB image: [3, S, S] for square/pad, [1 + tiles, 3, S, S] for anyres modes."""
     if anyres.is_anyres(mode.image_mode):
         crops = anyres_crops(image, settings, mode.pinpoints)
-        return torch.from_numpy(np.stack([clip_preprocess(crop, settings) for crop in crops]))
+        out = np.empty((len(crops), 3, settings.crop_size, settings.crop_size), dtype=np.float32)
+        for index, crop in enumerate(crops):
+            clip_preprocess(crop, settings, out[index])
+        return torch.from_numpy(out)
     if mode.image_mode == "pad":
         image = expand_to_square(image, tuple(int(x * 255) for x in settings.mean))
     return torch.from_numpy(clip_preprocess(image, settings))
