@@ -2,10 +2,8 @@
 
 from __future__ import annotations
 
-import os
 
 import pytest
-import torch
 import train_helpers as H
 
 from mlcd_vl.train.config import load_config
@@ -15,15 +13,8 @@ from mlcd_vl.train.run import train
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     paths = H.write_dataset(tmp_path_factory.mktemp("logging"))
-    previous_env, previous_threads = os.environ.get(H.TINY_DIR_ENV), torch.get_num_threads()
-    os.environ[H.TINY_DIR_ENV] = paths["tiny"]
-    torch.set_num_threads(1)
-    yield paths
-    torch.set_num_threads(previous_threads)
-    if previous_env is None:
-        os.environ.pop(H.TINY_DIR_ENV, None)
-    else:
-        os.environ[H.TINY_DIR_ENV] = previous_env
+    with H.in_process_training(paths["tiny"]):
+        yield paths
 
 
 def run_with(data, report_to: str):

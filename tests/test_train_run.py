@@ -16,56 +16,32 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from PIL import Image
 from safetensors.torch import load_file
 
+import train_helpers as H
 from mlcd_vl.train import checkpointing, loop, optim
 from mlcd_vl.train.config import RESOLVED_CONFIG_FILE, config_to_dict, load_config
 from mlcd_vl.train.run import LOSS_CURVE_FILE, METRICS_FILE, PROBLEMS_FILE, configure_parser, run, train
 
-REPO = Path(__file__).resolve().parents[1]
-RECIPES = REPO / "configs" / "recipes"
-COLOURS = {"red": ((220, 30, 30), (56, 56)), "green": ((30, 200, 40), (112, 56)),
-           "blue": ((30, 40, 220), (56, 112)), "yellow": ((230, 220, 30), (84, 70))}
-
-
-def _write_json(path: Path, records: list[dict]) -> str:
-    path.write_text(json.dumps(records))
-    return str(path)
+REPO, RECIPES = H.REPO, H.RECIPES
 
 
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory):
-    """Data files, a shared tiny-preset folder and one torch thread for the module."""
-    root = tmp_path_factory.mktemp("train_run")
-    images = root / "images"
-    images.mkdir()
-    captions, chat = [], []
-    for name, (rgb, size) in COLOURS.items():
-        Image.new("RGB", size, rgb).save(images / f"{name}.png")
-        captions.append({"id": f"cap-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>"}, {"from": "gpt", "value": f"A {name} square."}]})
-        chat.append({"id": f"qa-{name}", "image": f"{name}.png", "conversations": [
-            {"from": "human", "value": "<image>\nWhat colour is the picture?"},
-            {"from": "gpt", "value": f"It is {name}."}]})
-    chat.append({"id": "text-only", "conversations": [{"from": "human", "value": "How many bars are there?"},
-                                                      {"from": "gpt", "value": "There are two bars."}]})
+    """The shared tiny dataset (train_helpers) plus `bad.json` (a truncated and a missing image), a shared
+    tiny-preset folder and one torch thread for the module."""
+    paths = H.write_dataset(tmp_path_factory.mktemp("train_run"))
+    root, images = paths["root"], Path(paths["images"])
+    captions = json.loads(Path(paths["captions"]).read_text())
     full = (images / "red.png").read_bytes()
     (images / "truncated.png").write_bytes(full[: len(full) // 2])  # header fine (passes the scan), pixels not
     bad = captions[:3] + [
         {"id": "cap-truncated", "image": "truncated.png", "conversations": captions[0]["conversations"]},
         {"id": "cap-missing", "image": "missing.png", "conversations": captions[0]["conversations"]}]
-    paths = {"root": root, "images": str(images), "captions": _write_json(root / "captions.json", captions),
-             "chat": _write_json(root / "chat.json", chat), "bad": _write_json(root / "bad.json", bad)}
-    previous_env, previous_threads = os.environ.get(loop.TINY_DIR_ENV), torch.get_num_threads()
-    os.environ[loop.TINY_DIR_ENV] = str(root / "tiny")
-    torch.set_num_threads(1)
-    yield paths
-    torch.set_num_threads(previous_threads)
-    if previous_env is None:
-        os.environ.pop(loop.TINY_DIR_ENV, None)
-    else:
-        os.environ[loop.TINY_DIR_ENV] = previous_env
+    (root / "bad.json").write_text(json.dumps(bad))
+    paths["bad"] = str(root / "bad.json")
+    with H.in_process_training(paths["tiny"]):
+        yield paths
 
 
 def stage1_overrides(ws, out: Path, *extra: str) -> list[str]:

@@ -7,11 +7,14 @@ one torch thread per process and the tiny preset written once into a shared fold
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import subprocess
 import sys
 from pathlib import Path
+
+import torch
 
 from PIL import Image
 
@@ -45,6 +48,22 @@ def write_dataset(root: Path) -> dict:
         (root / f"{name}.json").write_text(json.dumps(records))
         paths[name] = str(root / f"{name}.json")
     return paths
+
+
+@contextlib.contextmanager
+def in_process_training(tiny_dir: str):
+    """For runs inside the test process: the shared tiny preset folder and one torch thread, restored after."""
+    previous_env, previous_threads = os.environ.get(TINY_DIR_ENV), torch.get_num_threads()
+    os.environ[TINY_DIR_ENV] = tiny_dir
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous_threads)
+        if previous_env is None:
+            os.environ.pop(TINY_DIR_ENV, None)
+        else:
+            os.environ[TINY_DIR_ENV] = previous_env
 
 
 def env_for(data: dict, **extra: str) -> dict:
