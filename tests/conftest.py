@@ -57,3 +57,14 @@ def single_thread():
 def tmp_root(tmp_path_factory) -> Path:
     """A temporary folder shared by the tests of one module (converted checkpoints are reused across tests)."""
     return tmp_path_factory.getbasetemp()
+
+
+@pytest.fixture(scope="session")
+def tiny_serve_model(tmp_path_factory) -> Path:
+    """The demo's tiny anyres model (random weights) as an HF-native folder, built once for all serving tests."""
+    from mlcd_vl.demo import build_tiny_model
+
+    root = tmp_path_factory.getbasetemp() / "serve-tiny"
+    if not (root / "model" / "config.json").is_file():
+        build_tiny_model(root)
+    return root / "model"

@@ -23,18 +23,12 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from mlcd_vl.demo import DEMO_IMAGE, build_tiny_model  # noqa: E402
+from mlcd_vl.demo import DEMO_IMAGE  # noqa: E402
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
 
 NAME = "tiny-vlm"
 
 
-def tiny_model_folder(base: Path) -> Path:
-    """The demo's tiny anyres model, built once per test session and shared by the serve tests."""
-    folder = base / "serve-tiny" / "model"
-    if not (folder / "config.json").is_file():
-        build_tiny_model(base / "serve-tiny")
-    return folder
 
 
 def free_port() -> int:
@@ -52,8 +46,8 @@ def data_url(image: Image.Image | bytes, kind: str = "png") -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory.getbasetemp())
+def model_dir(tiny_serve_model) -> Path:
+    return tiny_serve_model
 
 
 @pytest.fixture(scope="module")

@@ -14,24 +14,18 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from mlcd_vl.demo import DEMO_IMAGE, build_tiny_model  # noqa: E402
+from mlcd_vl.demo import DEMO_IMAGE  # noqa: E402
 from mlcd_vl.serve.api import ServerOptions, create_app, image_bytes  # noqa: E402
 from mlcd_vl.serve.api_schema import APIError  # noqa: E402
 from mlcd_vl.serve.batcher import Batcher, BatcherOptions, Job, cut_to_limit  # noqa: E402
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
 
 
-def tiny_model_folder(base):
-    """The demo's tiny anyres model, shared by the serve tests of one session (as in test_serve_api)."""
-    folder = base / "serve-tiny" / "model"
-    if not (folder / "config.json").is_file():
-        build_tiny_model(base / "serve-tiny")
-    return folder
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    return Engine.from_pretrained(tiny_model_folder(tmp_path_factory.getbasetemp()), device="cpu")
+def engine(tiny_serve_model) -> Engine:
+    return Engine.from_pretrained(tiny_serve_model, device="cpu")
 
 
 class ImageHandler(http.server.BaseHTTPRequestHandler):

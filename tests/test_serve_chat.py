@@ -12,23 +12,17 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from mlcd_vl.demo import DEMO_IMAGE, build_tiny_model
+from mlcd_vl.demo import DEMO_IMAGE
 from mlcd_vl.serve import cli_chat
 from mlcd_vl.serve.cli_chat import Conversation
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
 
 
-def tiny_model_folder(base: Path) -> Path:
-    """The demo's tiny anyres model, shared by the serve tests of one session (as in test_serve_api)."""
-    folder = base / "serve-tiny" / "model"
-    if not (folder / "config.json").is_file():
-        build_tiny_model(base / "serve-tiny")
-    return folder
 
 
 @pytest.fixture(scope="module")
-def model_dir(tmp_path_factory) -> Path:
-    return tiny_model_folder(tmp_path_factory.getbasetemp())
+def model_dir(tiny_serve_model) -> Path:
+    return tiny_serve_model
 
 
 def run_chat(model_dir: Path, script: str, *flags: str) -> subprocess.CompletedProcess:

@@ -11,7 +11,6 @@ import os
 import shutil
 import socket
 import tempfile
-from pathlib import Path
 
 import pytest
 
@@ -19,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas calls
 
-from mlcd_vl.demo import DEMO_IMAGE, DEMO_QUESTION, build_tiny_model  # noqa: E402
+from mlcd_vl.demo import DEMO_IMAGE, DEMO_QUESTION  # noqa: E402
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
 from mlcd_vl.serve.web import build_demo, make_responder, to_request  # noqa: E402
 
@@ -27,17 +26,11 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-dev-shm-usage"]
 
 
-def tiny_model_folder(base: Path) -> Path:
-    """The demo's tiny anyres model, shared by the serve tests of one session (as in test_serve_api)."""
-    folder = base / "serve-tiny" / "model"
-    if not (folder / "config.json").is_file():
-        build_tiny_model(base / "serve-tiny")
-    return folder
 
 
 @pytest.fixture(scope="module")
-def engine(tmp_path_factory) -> Engine:
-    return Engine.from_pretrained(tiny_model_folder(tmp_path_factory.getbasetemp()), device="cpu")
+def engine(tiny_serve_model) -> Engine:
+    return Engine.from_pretrained(tiny_serve_model, device="cpu")
 
 
 def chromium_or_skip() -> str:
