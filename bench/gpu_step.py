@@ -18,7 +18,7 @@ for mixed aspect ratios, 1400-2900 per image; a short-question/short-answer majo
 multi-turn tail; 10% text-only), random token ids and pixels.
 
 - **packed**: rows of at most `--token-budget` tokens (first-fit-decreasing), flash-attention 2 varlen when
-  `flash_attn` is installed (no mask), else SDPA with the [1, 1, T, T] bf16 block-diagonal mask;
+  `flash_attn` is installed (no mask), else `sdpa_varlen` (causal SDPA per sample, no mask);
 - **padded**: the same samples in random order, B = round(budget / mean length) rows, right-padded.
 
 Model FLOPs per step (MFU convention: no recomputation counted):
@@ -193,15 +193,18 @@ def run_mode(mode: str, model, settings, shapes, plans: list[list], attn: str, d
     import torch
 
     from mlcd_vl.data.collate import PaddingCollator
-    from mlcd_vl.data.packing import FLASH_IMPLEMENTATIONS, PackingCollator
+    from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS, PackingCollator
     from mlcd_vl.model.pixels import dummy_pixels
+    from mlcd_vl.model.varlen import composite_attention, text_attention
     from mlcd_vl.train.step import TrainBatch, forward_loss, plan_micro_batches
 
     pad = 0
+    model.set_attn_implementation(composite_attention(attn, packing=mode == "packed"))  # as training does
     if mode == "packed":
-        flash = attn in FLASH_IMPLEMENTATIONS
-        collate = PackingCollator(pad, dummy_pixels(settings.processor), build_4d_mask=not flash, mask_dtype=dtype)
-        attention = attn + (" varlen (no mask)" if flash else " + 4D block mask")
+        text = text_attention(model)
+        varlen = text in MASK_FREE_IMPLEMENTATIONS
+        collate = PackingCollator(pad, dummy_pixels(settings.processor), build_4d_mask=not varlen, mask_dtype=dtype)
+        attention = text + (" varlen (no mask)" if varlen else " + 4D block mask")
     else:
         collate = PaddingCollator(pad, dummy_pixels(settings.processor))
         attention = attn + " + padding mask"

@@ -7,9 +7,10 @@
 For each token budget the parent writes the small stage-2 model's assets (4-layer Qwen2 of width 256, 4-layer MLCD
 tower at 112 px, anyres) and a synthetic LLaVA-NeXT-Data-shaped record set once, then starts one fresh Python
 process per (budget, layout). The child builds the model and the samples, takes the first records whose lengths sum
-to at most the budget (the same samples for both layouts) and collates them either right-padded
-(`PaddingCollator`, B rows x longest sample) or packed into one row (`PackingCollator` with its [1, 1, T, T] float32
-block mask), then runs `forward_loss` + `backward` once (float32, CPU, SDPA).
+to at most the budget (the same samples for every layout) and collates them right-padded (`PaddingCollator`,
+B rows x longest sample), packed into one row with no mask (`sdpa_varlen`: per-sample attention, what training
+uses) or packed with the [1, 1, T, T] float32 block mask on plain SDPA (`packed_mask`, the older path), then runs
+`forward_loss` + `backward` once (float32, CPU).
 
 Reported per child, from `resource.getrusage(RUSAGE_SELF).ru_maxrss` (the process's high-water mark, psutil-free) and
 `/proc/self/statm` (current RSS): RSS before the step, peak RSS after it, and the step's own peak (peak after - RSS
@@ -32,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import common  # noqa: E402
 
-LAYOUTS = ("padded", "packed")
+LAYOUTS = ("padded", "packed", "packed_mask")
 
 
 def current_rss_mib() -> float:
@@ -63,6 +64,7 @@ def child(root: Path, layout: str, budget: int, quick: bool, threads: int) -> di
     from mlcd_vl.data.dataset import SupervisedDataset
     from mlcd_vl.data.packing import PackingCollator
     from mlcd_vl.data.samples import DataConfig
+    from mlcd_vl.model.varlen import composite_attention
     from mlcd_vl.train.step import TrainBatch, forward_loss, plan_micro_batches
 
     hf_logging.set_verbosity_error()
@@ -82,8 +84,9 @@ def child(root: Path, layout: str, budget: int, quick: bool, threads: int) -> di
         total += sample.length
         if total > budget - 16:
             break
-    if layout == "packed":
-        collated = PackingCollator.for_model(tokenizer, settings, build_4d_mask=True)(samples)
+    if layout in ("packed", "packed_mask"):
+        model.set_attn_implementation(composite_attention("sdpa", packing=layout == "packed"))
+        collated = PackingCollator.for_model(tokenizer, settings, build_4d_mask=layout == "packed_mask")(samples)
     else:
         collated = PaddingCollator.for_model(tokenizer, settings)(samples)
     batch = TrainBatch.from_collated(collated)
@@ -96,7 +99,7 @@ def child(root: Path, layout: str, budget: int, quick: bool, threads: int) -> di
     after = peak_rss_mib()
     return {"layout": layout, "budget": budget, "samples": len(samples), "tokens": total,
             "shape": list(batch.input_ids.shape), "tensor_tokens": int(batch.input_ids.numel()),
-            "mask_mib": mask.numel() * mask.element_size() / 2**20,
+            "mask_mib": mask.numel() * mask.element_size() / 2**20 if mask is not None else 0.0,
             "crops": sum(image.crops.shape[0] for image in batch.images),
             "rss_before": before, "peak_before": before_peak, "peak_after": after, "step_peak": after - before,
             "seconds": seconds, "threads": torch.get_num_threads()}
@@ -149,8 +152,9 @@ def main(argv: list[str] | None = None) -> int:
         f"model: {shapes.llm_layers}-layer Qwen2 (width {shapes.llm_hidden}) + {shapes.tower_layers}-layer MLCD tower "
         f"at {shapes.image_size} px, anyres; float32, CPU, SDPA, forward_loss + backward once, "
         f"{rows[0]['threads']} torch threads; every row is a fresh process",
-        "the same samples in both layouts of a budget: padded = B rows x longest sample, packed = one row with the "
-        "[1, 1, T, T] float32 block mask; RSS from ru_maxrss (peak) and /proc/self/statm (current)"])
+        "the same samples in every layout of a budget: padded = B rows x longest sample, packed = one row, "
+        "sdpa_varlen (no mask), packed_mask = one row with the [1, 1, T, T] float32 block mask on plain SDPA; RSS "
+        "from ru_maxrss (peak) and /proc/self/statm (current)"])
     lines += ["| budget | layout | samples | tokens | tensor shape | mask MiB | crops | RSS before MiB | "
               "peak after MiB | step peak MiB | step s |", "|---:|---|---:|---:|---|---:|---:|---:|---:|---:|---:|"]
     for row in rows:
@@ -160,12 +164,13 @@ def main(argv: list[str] | None = None) -> int:
                      f"{row['step_peak']:.0f} | {row['seconds']:.2f} |")
     lines.append("")
     for budget in args.budgets:
-        padded, packed = (next(r for r in rows if r["budget"] == budget and r["layout"] == layout)
-                          for layout in LAYOUTS)
+        padded, packed, masked = (next(r for r in rows if r["budget"] == budget and r["layout"] == layout)
+                                  for layout in LAYOUTS)
         ratio = packed["step_peak"] / max(padded["step_peak"], 1e-9)
-        lines.append(f"- budget {budget}: packed step peak / padded = {ratio:.2f}x "
-                     f"(tensor tokens {packed['tensor_tokens']} vs {padded['tensor_tokens']}; the packed 4D mask alone "
-                     f"is {packed['mask_mib']:.0f} MiB and grows as T^2)")
+        masked_ratio = masked["step_peak"] / max(padded["step_peak"], 1e-9)
+        lines.append(f"- budget {budget}: packed step peak / padded = {ratio:.2f}x, with the 4D mask "
+                     f"{masked_ratio:.2f}x (tensor tokens {packed['tensor_tokens']} vs {padded['tensor_tokens']}; the "
+                     f"mask alone is {masked['mask_mib']:.0f} MiB and grows as T^2)")
     suspicious = [r for r in rows if r["peak_after"] <= r["peak_before"] + 1]
     if suspicious:
         lines.append(f"- caution: {len(suspicious)} row(s) peaked before the step, so their step peak is a lower "

@@ -46,7 +46,7 @@ def test_result_path_and_header(bench, tmp_path):
 def test_train_throughput_quick(bench, tmp_path):
     assert bench("train_throughput").main(["--quick", "--out", str(tmp_path)]) == 0
     text = only_result(tmp_path, "train_throughput", bench("common").machine_name())
-    for mode in ("| padded |", "| grouped |", "| packed |", "packed / padded", "4D block"):
+    for mode in ("| padded |", "| grouped |", "| packed |", "| packed_mask |", "packed / padded", "4D block"):
         assert mode in text
     assert len(list(tmp_path.glob("train_throughput_*_loss.png"))) == 1
 

@@ -17,6 +17,7 @@ import yaml
 
 from mlcd_vl.model.build import VLMSpec, build_vlm
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
+from mlcd_vl.model.varlen import VARLEN_ATTENTION, composite_attention
 from mlcd_vl.train import optim
 from mlcd_vl.train.config import ConfigError, load_config, save_resolved
 from mlcd_vl.train.loss import IGNORE_INDEX, StepTokens, plan_step
@@ -163,6 +164,34 @@ def test_accumulated_gradients_equal_one_big_batch(tiny_paths):
             assert_same_gradients(actual, expected)
         except AssertionError as error:
             raise AssertionError(f"{label}: {error}") from None
+
+
+def mask_free(batch: TrainBatch) -> TrainBatch:
+    """A one-row packed batch without its 4D mask: sample boundaries come from the position ids alone."""
+    return TrainBatch(batch.input_ids, batch.labels, None, batch.position_ids, batch.images)
+
+
+def test_varlen_attention_gradients_equal_one_big_batch(tiny_paths):
+    model, _, settings = build(tiny_paths, stage=1)
+    samples = make_samples(model)
+    expected = reference_gradients(model, settings, samples)  # plain SDPA, padded
+    model.set_attn_implementation(composite_attention("sdpa", packing=True))
+    assert model.model.language_model.config._attn_implementation == VARLEN_ATTENTION
+    assert model.model.vision_tower.config._attn_implementation == "sdpa"
+    s = samples
+    splits = {
+        "packed rows 3+3, no mask": [[mask_free(pack_batch([s[0:3]])), mask_free(pack_batch([s[3:6]]))]],
+        "padded batches through sdpa_varlen": [[pad_batch(s[0:2]), pad_batch(s[2:6])]],
+        "two ranks, padded and packed": [[pad_batch(s[0:1]), mask_free(pack_batch([s[1:4]]))],
+                                         [mask_free(pack_batch([s[4:6]]))]],
+    }
+    for label, ranks in splits.items():
+        try:
+            assert_same_gradients(accumulated_gradients(model, settings, ranks), expected)
+        except AssertionError as error:
+            raise AssertionError(f"{label}: {error}") from None
+    with pytest.raises(BatchError, match="one per micro-batch"):
+        forward_loss(model, settings, mask_free(pack_batch([s[0:3], s[3:6]])), StepTokens(10, 1))
 
 
 def test_packing_never_trains_across_sample_boundaries(tiny_paths):

@@ -5,9 +5,10 @@
 * `input_ids`, `labels` [1, T]: samples one after another; the first label of every sample is IGNORE_INDEX, so the
   shifted loss never asks the last token of one sample to predict the next sample's first token;
 * `position_ids` [1, T]: restarting at 0 for every sample;
-* `cu_seqlens` (int32, [n + 1]), `seq_lengths`, `max_seqlen`: the boundaries flash-attention's varlen path uses
-  on GPU (`model_kwargs` turns them into transformers' `cu_seq_lens_q/k`, `max_length_q/k`);
-* `attention_mask`: for SDPA / eager, a 4D block-diagonal causal *additive float* mask [1, 1, T, T] (0 = attend,
+* `cu_seqlens` (int32, [n + 1]), `seq_lengths`, `max_seqlen`: the boundaries flash-attention's varlen path (GPU)
+  and `sdpa_varlen` (`model.varlen`, any device) use; `model_kwargs` turns them into transformers'
+  `cu_seq_lens_q/k`, `max_length_q/k`;
+* `attention_mask`: for plain SDPA / eager, a 4D block-diagonal causal *additive float* mask [1, 1, T, T] (0 = attend,
   dtype-min = blocked). Restarting position ids alone does not isolate samples with SDPA or eager, and a bool 4D
   mask gives wrong results with eager (env-notes). It is O(T^2) memory, so it is built only when asked for;
 * `images` in prompt order, `dummy_crop`, `record_ids`, `num_supervised`, `skipped` as in `collate.py`.
@@ -24,9 +25,12 @@ from mlcd_vl.data.collate import split_skipped
 from mlcd_vl.data.samples import IGNORE_INDEX
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.pixels import dummy_pixels
+from mlcd_vl.model.varlen import VARLEN_ATTENTION
 from mlcd_vl.train.loss import count_supervised
 
 FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# Attention that isolates packed samples from their boundaries alone, with no 4D mask.
+MASK_FREE_IMPLEMENTATIONS = FLASH_IMPLEMENTATIONS + (VARLEN_ATTENTION,)
 
 
 def first_fit_decreasing(lengths: list[int] | np.ndarray, budget: int) -> list[list[int]]:
@@ -92,7 +96,7 @@ class PackingCollator:
 
     pad_token_id: int
     dummy_crop: torch.Tensor | None = None
-    build_4d_mask: bool = True  # False on GPU with flash-attention varlen
+    build_4d_mask: bool = True  # False with flash-attention or sdpa_varlen (MASK_FREE_IMPLEMENTATIONS)
     mask_dtype: torch.dtype = torch.float32  # the model's compute dtype
 
     @classmethod
@@ -128,9 +132,9 @@ class PackingCollator:
 
 
 def model_kwargs(batch: dict, attn_implementation: str) -> dict:
-    """Attention arguments for a packed batch: varlen boundaries for flash-attention, the 4D mask otherwise."""
+    """Attention arguments for a packed batch: varlen boundaries for flash-attention / sdpa_varlen, else the mask."""
     kwargs = {"position_ids": batch["position_ids"]}
-    if attn_implementation in FLASH_IMPLEMENTATIONS:
+    if attn_implementation in MASK_FREE_IMPLEMENTATIONS:
         cu = batch["cu_seqlens"]
         kwargs.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=batch["max_seqlen"],
                       max_length_k=batch["max_seqlen"])

@@ -47,7 +47,7 @@ class ModelConfig:
     template: str = "qwen_1_5"
     init_from: str | None = None  # stage-1 projector artifact (folder or file) or a checkpoint folder
     allow_pickle: bool = False  # permit reading upstream's pickled mm_projector.bin (weights_only=True)
-    attn_implementation: str = "sdpa"
+    attn_implementation: str = "sdpa"  # sdpa (packed rows: per-sample sdpa_varlen) | sdpa_varlen | eager | flash_attention_2
 
 
 @dataclass

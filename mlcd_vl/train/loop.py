@@ -24,11 +24,12 @@ import torch
 from mlcd_vl.data.collate import PaddingCollator
 from mlcd_vl.data.dataset import LengthTable, SupervisedDataset
 from mlcd_vl.data.dataset import scan as scan_lengths
-from mlcd_vl.data.packing import FLASH_IMPLEMENTATIONS, PackingCollator
+from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS, PackingCollator
 from mlcd_vl.data.problems import ProblemLog
 from mlcd_vl.data.samplers import LengthGroupedBatchSampler, PackedBatchSampler
 from mlcd_vl.data.samples import DataConfig as SampleConfig
 from mlcd_vl.model.build import VLMSettings, VLMSpec, build_vlm
+from mlcd_vl.model.varlen import composite_attention
 from mlcd_vl.train import optim
 from mlcd_vl.train.config import TrainConfig
 from mlcd_vl.train.loss import IGNORE_INDEX
@@ -73,13 +74,19 @@ def build_model(config: TrainConfig):
                    seed=config.seed)
     model, tokenizer, settings = build_vlm(spec)
     settings.llm, settings.tower = config.model.llm, config.model.tower  # provenance as the recipe names them
-    model.set_attn_implementation(config.model.attn_implementation)
+    model.set_attn_implementation(composite_attention(config.model.attn_implementation, config.data.packing))
     origin = None
     if config.model.init_from:
         origin = optim.load_projector(model, config.model.init_from, allow_pickle=config.model.allow_pickle)
     if config.gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     return model, tokenizer, settings, origin
+
+
+def packed_attention(config: TrainConfig) -> str:
+    """The language model's attention implementation this run's packed rows will meet."""
+    attention = composite_attention(config.model.attn_implementation, config.data.packing)
+    return attention["text_config"] if isinstance(attention, dict) else attention
 
 
 def tokens_per_crop(model) -> int:
@@ -127,7 +134,7 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
         sampler = PackedBatchSampler(table.lengths, config.data.token_budget, world_size=world_size, rank=rank,
                                      seed=config.seed, drop_last=config.data.drop_last)
         collator = PackingCollator.for_model(
-            tokenizer, settings, build_4d_mask=config.model.attn_implementation not in FLASH_IMPLEMENTATIONS)
+            tokenizer, settings, build_4d_mask=packed_attention(config) not in MASK_FREE_IMPLEMENTATIONS)
     else:
         sampler = LengthGroupedBatchSampler(table.lengths, table.has_image, config.batch.per_device_batch_size,
                                             world_size=world_size, rank=rank, grad_accum=config.batch.grad_accum,

@@ -99,6 +99,7 @@ def train(config) -> TrainResult:
     from tqdm.auto import tqdm
 
     from mlcd_vl.data.problems import ProblemLog
+    from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS
     from mlcd_vl.model.checkpoint import save_vlm
     from mlcd_vl.train import checkpointing, lora, loop, metrics, optim, zero
     from mlcd_vl.train.config import ConfigError, save_resolved
@@ -145,6 +146,10 @@ def train(config) -> TrainResult:
                                progress=main, table_path=output_dir / LENGTHS_FILE, scan=main)
     if config.data.token_budget and not config.data.packing:
         say("note: data.token_budget only applies to packing; padded batches use batch.per_device_batch_size")
+    if config.data.packing:
+        say(f"packing: rows of <= {config.data.token_budget} tokens, {loop.packed_attention(config)} attention "
+            f"per sample" + ("" if loop.packed_attention(config) in MASK_FREE_IMPLEMENTATIONS
+                             else " through a 4D block-diagonal mask (O(T^2) memory)"))
     if main and data.scan_log.total:
         say(data.scan_log.summary("left out by the length scan"))
     micro_per_epoch = len(data.sampler)

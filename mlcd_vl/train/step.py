@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS
 from mlcd_vl.data.packing import block_causal_mask  # noqa: F401  (re-exported: the one mask builder)
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
@@ -45,8 +46,9 @@ class TrainBatch:
     - attention_mask: [B, L] padding mask (1 = token, 0 = padding) for padded rows, or [B, 1, L, L] for packed rows:
       an additive float mask (0 = may attend, large negative = may not) that is block-diagonal and causal, one block
       per sample (`block_causal_mask` builds it). A bool 4D mask (True = may attend) is converted. None only for
-      packed rows on flash-attention, which takes the sample boundaries from position_ids (with SDPA or eager,
-      restarting position ids alone does NOT stop attention across samples, so `forward_loss` refuses that).
+      packed rows on flash-attention or `sdpa_varlen` (`model.varlen`), which attend per sample within the boundaries
+      `forward_loss` derives from position_ids (with plain SDPA or eager, restarting position ids alone does NOT
+      stop attention across samples, so `forward_loss` refuses that).
     - position_ids [B, L] long or None: required for packed rows, restarting at 0 at every sample (a target whose
       position id is 0 starts a sample and is never trained on); None for padded rows.
     - images: every image of the batch in prompt order (row 0's images, then row 1's, ...), as many as the prompts
@@ -101,6 +103,19 @@ def additive_mask(mask: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return mask.to(dtype).clamp(min=minimum)
 
 
+def sample_boundaries(batch: TrainBatch) -> dict:
+    """flash-attention's varlen keywords for one packed row (samples start where the position id is 0)."""
+    if batch.input_ids.shape[0] != 1:
+        raise BatchError(f"packed rows without a mask must come one per micro-batch, got {batch.input_ids.shape[0]}")
+    positions = batch.position_ids[0]
+    starts = (positions == 0).nonzero().flatten()
+    if not len(starts) or int(starts[0]) != 0:
+        raise BatchError("a packed row must start a sample at its first token (position id 0)")
+    cu = torch.cat([starts, starts.new_tensor([positions.shape[0]])]).to(torch.int32)
+    longest = int((cu[1:] - cu[:-1]).max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+
+
 def count_batch_supervised(batch: TrainBatch) -> int:
     """The supervised targets `forward_loss` will train on for this batch."""
     return count_supervised(batch.labels, batch.position_ids)
@@ -123,9 +138,9 @@ def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch,
     """Embed, run the language model, and return the micro-batch loss normalised by `num_items_in_step`."""
     batch.validate()
     attention = getattr(model.model.language_model.config, "_attn_implementation", None) or ""
-    if batch.attention_mask is None and not attention.startswith("flash"):
+    if batch.attention_mask is None and attention not in MASK_FREE_IMPLEMENTATIONS:
         raise BatchError(f"packed rows without a 4D block-diagonal mask leak attention across samples with "
-                         f"{attention!r} attention; build the mask (flash-attention alone may omit it)")
+                         f"{attention!r} attention; build the mask, or use one of {', '.join(MASK_FREE_IMPLEMENTATIONS)}")
     device = model.get_input_embeddings().weight.device
     batch = batch.to(device)
     dummy_crop = None if batch.images else dummy_pixels(settings.processor).to(device)
@@ -133,8 +148,9 @@ def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch,
     mask = batch.attention_mask
     if mask is not None and mask.dim() == 4:
         mask = additive_mask(mask, embeds.dtype)
+    varlen = sample_boundaries(batch) if mask is None else {}
     outputs = model.model.language_model(inputs_embeds=embeds, attention_mask=mask,
-                                         position_ids=batch.position_ids, use_cache=False)
+                                         position_ids=batch.position_ids, use_cache=False, **varlen)
     targets = shifted_targets(batch.labels, batch.position_ids)
     supervised = targets != IGNORE_INDEX
     hidden = outputs.last_hidden_state[:, :-1][supervised]
