@@ -25,65 +25,27 @@ machine (measured with other jobs running, load average 2-5). The helpers
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
-ASSETS = Path(__file__).resolve().parent / "assets"
-DEMO_IMAGE = ASSETS / "demo.png"
-DEMO_QUESTION = "What shapes and colours are in this picture?"
-REPO = Path(__file__).resolve().parents[1]
+# The stages live in demo_stages.py, the report in demo_report.py; the picture and the untrained tiny model that
+# the tests share in demo_assets.py (re-exported here, where everything imports them from).
+from mlcd_vl.demo_assets import DEMO_IMAGE, DEMO_QUESTION, build_tiny_model, draw_demo_image, tiny_pinpoints
+from mlcd_vl.demo_report import Timer, results_table, write_report
+from mlcd_vl.demo_stages import REPO, chat, child_env, evaluate, train_stage
+
+__all__ = ["DEFAULT_WORKDIR", "DEMO_IMAGE", "DEMO_QUESTION", "PLANS", "DemoPlan", "build_tiny_model",
+           "configure_parser", "default_workdir", "demo_shapes", "draw_demo_image", "run", "tiny_pinpoints"]
+
 DEFAULT_WORKDIR = Path("runs") / "demo"
-LMMS_TASK_PREFIX = "mlcd_demo_"
 REQUIRED_SKILLS = ("colour", "chart")  # what the demo promises to learn clearly above chance
 
 
 def default_workdir() -> Path:
     return DEFAULT_WORKDIR
-
-
-def draw_demo_image():
-    """The bundled picture (320x240): a red circle, a blue square and the word "MLCD". Used if the file is missing,
-    and to regenerate it: `python -c "from mlcd_vl.demo import draw_demo_image; draw_demo_image().save(...)"`."""
-    from PIL import Image, ImageDraw, ImageFont
-
-    image = Image.new("RGB", (320, 240), (255, 255, 255))
-    draw = ImageDraw.Draw(image)
-    draw.ellipse((24, 40, 124, 140), fill=(220, 30, 30))
-    draw.rectangle((190, 40, 290, 140), fill=(30, 60, 220))
-    try:
-        font = ImageFont.load_default(size=44)
-    except TypeError:  # Pillow < 10.1: the bitmap font has one size
-        font = ImageFont.load_default()
-    draw.text((160, 195), "MLCD", fill=(0, 0, 0), font=font, anchor="mm")
-    return image
-
-
-def tiny_pinpoints(crop_size: int) -> list[tuple[int, int]]:
-    """Upstream's five-crop grid (1x2, 2x1, 2x2, 3x1, 1x3) at the tiny tower's crop size, (width, height)."""
-    s = crop_size
-    return [(s, 2 * s), (2 * s, s), (2 * s, 2 * s), (3 * s, s), (s, 3 * s)]
-
-
-def build_tiny_model(workdir: Path) -> Path:
-    """Write the (untrained) tiny assets, compose the anyres VLM and save it; returns the model folder."""
-    from mlcd_vl.model import tiny
-    from mlcd_vl.model.build import VLMSpec, build_vlm
-    from mlcd_vl.model.checkpoint import save_vlm
-
-    paths = tiny.write_tiny_assets(workdir / "assets")
-    spec = VLMSpec(llm=str(paths["llm"]), tower=str(paths["tower"]), image_mode="anyres",
-                   merge_type="spatial_unpad", pinpoints=tiny_pinpoints(tiny.TinyShapes().image_size))
-    model, tokenizer, settings = build_vlm(spec)
-    return save_vlm(model, tokenizer, settings, workdir / "model")
-
-
-# ------------------------------------------------------------------------------------------------------ settings
 
 
 @dataclass(frozen=True)
@@ -126,241 +88,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="data seed")
 
 
-# ---------------------------------------------------------------------------------------------------- the stages
-
-
-class Timer:
-    def __init__(self):
-        self.start = time.perf_counter()
-        self.stages: dict[str, float] = {}
-        self._last = self.start
-        self.load_start = os.getloadavg()
-        self.load_end = self.load_start
-
-    def lap(self, name: str) -> float:
-        now = time.perf_counter()
-        self.stages[name] = now - self._last
-        self._last = now
-        self.load_end = os.getloadavg()
-        return self.stages[name]
-
-    @property
-    def total(self) -> float:
-        return time.perf_counter() - self.start
-
-
 def _banner(step: int, total: int, text: str) -> None:
     print(f"\n=== [{step}/{total}] {text} ===", flush=True)
 
 
-def _child_env(threads: int) -> dict:
-    env = dict(os.environ)
-    env.update(OMP_NUM_THREADS=str(threads), TOKENIZERS_PARALLELISM="false", HF_HUB_OFFLINE="1",
-               HF_DATASETS_OFFLINE="1", TRANSFORMERS_OFFLINE="1")
-    # Idle OpenMP threads sleep instead of spinning: on a busy 2-core machine spinning threads make tiny ops 5x slower.
-    env.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    path = env.get("PYTHONPATH", "")
-    if (REPO / "mlcd_vl").is_dir() and str(REPO) not in path.split(os.pathsep):
-        env["PYTHONPATH"] = str(REPO) + (os.pathsep + path if path else "")
-    return env
-
-
-def _run(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> None:
-    """Run a stage in a child process: its output goes to the console (progress bars) and to `log`."""
-    print("$ " + " ".join(str(c) for c in command), flush=True)
-    with open(log, "wb") as sink:
-        process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        assert process.stdout is not None
-        while chunk := process.stdout.read1(4096):
-            sink.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
-        code = process.wait()
-    if code != 0:
-        raise RuntimeError(f"{command[2] if len(command) > 2 else command[0]} failed with exit status {code} "
-                           f"(log: {log})")
-
-
-def train_stage(stage: int, workdir: Path, overrides: list[str], launcher: str, env: dict) -> Path:
-    """One training stage through the recipe code path; returns its output folder."""
-    from mlcd_vl.playground import RECIPES
-
-    recipe = RECIPES / f"demo_stage{stage}.yaml"
-    out = workdir / f"stage{stage}"
-    overrides = [*overrides, f"output_dir={out}"]
-    script = REPO / "scripts" / ("pretrain.sh" if stage == 1 else "finetune.sh")
-    if launcher == "scripts":
-        if not script.is_file():
-            raise RuntimeError(f"--launcher scripts: {script} not found (an installed package has no scripts/)")
-        import socket
-
-        with socket.socket() as probe:  # a free rendezvous port: other runs may hold torchrun's default
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
-        command = ["bash", str(script), *overrides]
-        env = dict(env, NUM_GPUS="1", RECIPE=str(recipe), MASTER_PORT=str(port), PYTHON=sys.executable)
-    else:
-        command = [sys.executable, "-m", "mlcd_vl.train", str(recipe), *overrides]
-    _run(command, env, workdir / "logs" / f"stage{stage}.log", cwd=REPO if launcher == "scripts" else None)
-    print(f"(on GPUs: NUM_GPUS=8 RECIPE=configs/recipes/mlcd_bigG448_stage{stage}.yaml "
-          f"scripts/{script.name} data.train=... runs the same code)")
-    return out
-
-
-def write_tasks(heldout: dict[str, Path], out: Path) -> list[str]:
-    """One lmms-eval task per skill: ChartQA's settings (prompt, generation, relaxed accuracy) over its parquet."""
-    from mlcd_vl.eval import Benchmark, task_yaml
-
-    out.mkdir(parents=True, exist_ok=True)
-    names = []
-    for skill, path in heldout.items():
-        name = f"{LMMS_TASK_PREFIX}{skill}"
-        benchmark = Benchmark(f"demo {skill}", "chartqa", name, "chartqa", "test", "relaxed_overall", 100, "%",
-                              0)
-        (out / f"{name}.yaml").write_text(task_yaml(benchmark, [str(path.resolve())]))
-        names.append(name)
-    return names
-
-
-def evaluate(model: Path, heldout: dict[str, Path], workdir: Path, batch_size: int, env: dict) -> dict[str, dict]:
-    """lmms-eval with `mlcd_llava` on the held-out sets; returns {skill: {"accuracy", "n"}}."""
-    out = workdir / "eval"
-    tasks = write_tasks(heldout, out / "tasks")
-    env = dict(env, HF_DATASETS_CACHE=str(out / "hf-datasets-cache"))
-    marker = time.time()
-    command = [sys.executable, "-m", "mlcd_vl.eval.cli", "lmms", "--model", "mlcd_llava",
-               "--model_args", f"pretrained={model.resolve()}", "--tasks", ",".join(tasks),
-               "--include_path", str((out / "tasks").resolve()), "--batch_size", str(batch_size),
-               "--output_path", str(out.resolve()), "--log_samples"]
-    _run(command, env, workdir / "logs" / "eval.log")
-    found = [p for p in out.rglob("*_results.json") if p.stat().st_mtime >= marker - 1]
-    if not found:  # lmms-eval exits 0 even when it fails
-        raise RuntimeError(f"lmms-eval wrote no results file (log: {workdir / 'logs' / 'eval.log'})")
-    data = json.loads(max(found, key=lambda p: p.stat().st_mtime).read_text())
-    scores = {}
-    for skill in heldout:
-        task = f"{LMMS_TASK_PREFIX}{skill}"
-        if task not in data.get("results", {}):
-            raise RuntimeError(f"lmms-eval's results lack {task} (log: {workdir / 'logs' / 'eval.log'})")
-        scores[skill] = {"accuracy": float(data["results"][task]["relaxed_overall,none"]),
-                         "n": int(data["n-samples"][task]["effective"])}
-    return scores
-
-
-def chat(model: Path, data, threads: int) -> list[tuple[str, str]]:
-    """Two turns about the first held-out colour image: colour, then shape (the engine keeps the conversation)."""
-    import torch
-
-    from mlcd_vl.playground.generate import QUESTIONS, SHORT
-    from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
-
-    torch.set_num_threads(threads)
-    items = json.loads(Path(data.heldout_json).read_text())
-    item = next(i for i in items if i["skill"] == "colour")
-    image = data.images / item["image"]
-    engine = Engine.from_pretrained(model, device="cpu")
-    settings = GenerationSettings(max_new_tokens=8)
-    messages = [{"role": "user", "content": f"<image>\n{QUESTIONS['colour']}{SHORT}"}]
-    transcript = [("image", str(image.relative_to(data.root.parent)) if data.root.parent in image.parents
-                   else str(image))]
-    for follow_up in (f"{QUESTIONS['shape']}{SHORT}", None):
-        answer = engine.generate([Request(messages, [str(image)])], settings)[0].text.strip()
-        shown = messages[-1]["content"].replace("<image>\n", "[image] ").replace("\n", " ")
-        transcript += [("user", shown), ("assistant", answer)]
-        messages.append({"role": "assistant", "content": answer})
-        if follow_up is None:
-            break
-        messages.append({"role": "user", "content": follow_up})
-    truth = item["conversations"][1]["value"]
-    transcript.append(("truth", f"colour {truth} ({image.name}, never seen in training)"))
-    return transcript
-
-
-# ------------------------------------------------------------------------------------------------------ reporting
-
-
-def results_table(scores: dict[str, dict]) -> str:
-    from mlcd_vl.playground.generate import chance
-
-    lines = ["| skill | held-out accuracy | chance | n | above chance |", "|---|---:|---:|---:|---|"]
-    for skill, score in scores.items():
-        margin = score["accuracy"] - chance(skill)
-        lines.append(f"| {skill} | {score['accuracy']:.1%} | {chance(skill):.1%} | {score['n']} | "
-                     f"{'yes' if margin > 0.15 else 'no'} ({margin:+.1%}) |")
-    return "\n".join(lines) + "\n"
-
-
-def write_report(workdir: Path, mode: str, plan: DemoPlan, scores: dict, transcript, timer: Timer,
-                 shapes, threads: int) -> Path:
-    def rel(path: Path) -> str:
-        return os.path.relpath(path, workdir)
-
-    def both(name: str) -> str:
-        return f"[stage1/{name}](stage1/{name}) | [stage2/{name}](stage2/{name})"
-
-    stages = "\n".join(f"| {name} | {seconds:.0f} s |" for name, seconds in timer.stages.items())
-    talk = "\n".join(f"- **{who}**: {text}" for who, text in transcript)
-    picture = transcript[0][1]
-    load = ", ".join(f"{a:.1f}/{b:.1f}" for a, b in zip(timer.load_start, timer.load_end))
-    results = sorted((workdir / "eval").rglob("*_results.json"))
-    body = f"""# MLCD-VL CPU demo ({mode})
-
-A tiny LLaVA-NeXT-style model (MLCD RoPE2D tower -> 2-layer GELU MLP -> Qwen2 LLM) trained from scratch on
-synthetic data in two stages, scored with lmms-eval on a held-out split, then asked about a held-out image.
-Total wall time: {timer.total:.0f} s with {threads} torch thread(s) per process on a machine with
-{os.cpu_count()} CPU(s); load average (1, 5, 15 min) at start/end: {load}.
-
-## Results (lmms-eval `mlcd_llava`, ChartQA relaxed accuracy, held-out images)
-
-{results_table(scores)}
-"above chance" means more than 15 points above a uniform guess. Results file(s):
-{", ".join(f"[{rel(p)}]({rel(p)})" for p in results)}; per-sample answers in the `*_samples_*.jsonl` beside them.
-
-## Chat (serve.Engine, {rel(workdir / 'stage2')})
-
-![held-out image]({picture})
-
-{talk}
-
-## Training
-
-| | stage 1 | stage 2 |
-|---|---|---|
-| what trains | projector | tower, projector, LLM |
-| images | square, 1 crop | anyres (5-crop grid), spatial_unpad |
-| template | plain (captions) | qwen_1_5 (single and multi-turn Q&A) |
-| steps x batch | {plan.stage1_steps} x 16 | {plan.stage2_steps} x {plan.batch_size} |
-| resolved config | {both("train_config.yaml")} |
-| loss curve | {both("loss_curve.png")} |
-| metrics | {both("metrics.jsonl")} |
-| checkpoint (HF-native) | [stage1/](stage1/) (+ projector.safetensors) | [stage2/](stage2/) |
-
-![stage 1 loss](stage1/loss_curve.png) ![stage 2 loss](stage2/loss_curve.png)
-
-Model sizes: {json.dumps(shapes.__dict__)}. Data: [data/](data/) ({plan.train_images} training images,
-[captions.json](data/captions.json), [chat.json](data/chat.json); held-out [data/heldout/](data/heldout/),
-{plan.heldout_per_skill} per skill; [playground.json](data/playground.json)). Logs: [logs/](logs/).
-
-## Wall time
-
-| stage | time |
-|---|---:|
-{stages}
-"""
-    path = workdir / "report.md"
-    path.write_text(body)
-    (workdir / "results.json").write_text(json.dumps({
-        "mode": mode, "plan": plan.__dict__, "scores": scores, "wall_seconds": timer.stages,
-        "total_seconds": timer.total, "threads": threads, "cpus": os.cpu_count(),
-        "load_average_start": timer.load_start, "load_average_end": timer.load_end}, indent=2) + "\n")
-    (workdir / "results.md").write_text(results_table(scores))
-    return path
-
-
-# ----------------------------------------------------------------------------------------------------------- run
-
-
 def run(args: argparse.Namespace) -> int:
+    """The six stages in order, each timed; the report at the end. Returns the exit status."""
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl.model import tiny
@@ -382,7 +115,7 @@ def run(args: argparse.Namespace) -> int:
             return 2
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True)
-    env = _child_env(threads)
+    env = child_env(threads)
     launcher = args.launcher
     if launcher == "auto":
         have_scripts = all((REPO / "scripts" / name).is_file() for name in ("pretrain.sh", "finetune.sh"))

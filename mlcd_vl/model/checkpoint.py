@@ -4,11 +4,14 @@ A saved folder is plain transformers: `AutoModelForImageTextToText.from_pretrain
 `AutoProcessor.from_pretrained(dir)` work without `trust_remote_code`. Our own settings (image mode, merge, pinpoints
 in upstream's (width, height), template) ride along in config.json under `mlcd_vl`; when they are absent (a LLaVA
 model from elsewhere) they are derived from the transformers config. Classes are chosen from config.json only.
-Weights are safetensors; a corrupt or truncated file fails with the file named.
+Weights are safetensors; a corrupt or truncated file fails with the file named, and weights that do not fit the
+model config.json describes (wrong shapes, missing tensors) fail with the offending keys listed; tensors the model
+does not use are named in a warning.
 """
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import torch
@@ -19,6 +22,7 @@ from mlcd_vl.model import anyres
 from mlcd_vl.model.build import SETTINGS_KEY, VLMSettings, model_type_for, prepare_tokenizer
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
+log = logging.getLogger("mlcd_vl.checkpoint")
 
 
 class CheckpointError(ValueError):
@@ -119,6 +123,33 @@ def _check_folder(folder: Path) -> None:
             raise CheckpointError(f"{weights}: corrupt or truncated safetensors file ({error})") from error
 
 
+MAX_LISTED_KEYS = 10  # per kind; a wrong config can mismatch hundreds of tensors and the first few tell the story
+
+
+def _listed(lines: list[str]) -> list[str]:
+    extra = len(lines) - MAX_LISTED_KEYS
+    return lines[:MAX_LISTED_KEYS] + ([f"    ... and {extra} more"] if extra > 0 else [])
+
+
+def describe_weight_mismatch(info: dict, kinds: tuple[str, ...] = ("missing_keys", "unexpected_keys")) -> str:
+    """The problems in transformers' loading info (`output_loading_info=True`) as indented lines; "" when none.
+
+    Shape mismatches always, then the key lists named in `kinds`. Keys are the model's parameter names; the file
+    may store them under transformers' older names.
+    """
+    sections = []
+    mismatched = sorted(info.get("mismatched_keys") or ())
+    if mismatched:
+        lines = [f"    {key}: model expects {list(expected)}, file has {list(found)}"
+                 for key, found, expected in mismatched]
+        sections += [f"  {len(mismatched)} tensor(s) with the wrong shape:", *_listed(lines)]
+    for kind, what in (("missing_keys", "missing from the file"), ("unexpected_keys", "not in the model")):
+        keys = sorted(info.get(kind) or ()) if kind in kinds else []
+        if keys:
+            sections += [f"  {len(keys)} tensor(s) {what}:", *_listed([f"    {key}" for key in keys])]
+    return "\n".join(sections)
+
+
 def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
              attn_implementation: str | None = None,
              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
@@ -139,9 +170,19 @@ def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, devi
     if attn_implementation:
         kwargs["attn_implementation"] = attn_implementation
     try:
-        model = AutoModelForImageTextToText.from_pretrained(folder, **kwargs)
+        # Mismatches are collected rather than raised so the error can name them; transformers alone only logs them
+        # (and would silently keep random values for missing tensors).
+        model, info = AutoModelForImageTextToText.from_pretrained(folder, ignore_mismatched_sizes=True,
+                                                                  output_loading_info=True, **kwargs)
     except (OSError, RuntimeError) as error:
         raise CheckpointError(f"{folder}: cannot load weights ({error})") from error
+    problems = describe_weight_mismatch(info, kinds=("missing_keys",))
+    if problems:
+        raise CheckpointError(f"{folder}: the weights do not fit the {config.model_type} model its config.json "
+                              f"describes (shape mismatch or missing tensors):\n{problems}")
+    extra = describe_weight_mismatch({"unexpected_keys": info.get("unexpected_keys")}, kinds=("unexpected_keys",))
+    if extra:  # unused tensors change nothing the model computes: worth a warning, not a refusal
+        log.warning("%s: tensors the %s model does not use were ignored:\n%s", folder, config.model_type, extra)
     model.to(device).eval()
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder), settings.template)
     if tokenizer.convert_tokens_to_ids("<image>") != model.config.image_token_id:
