@@ -141,6 +141,14 @@ class Mixture:
     long_answer: float = 0.25  # single-turn with a detailed (30-150 word) answer instead of a short one
 
 
+MIXTURES = {
+    "llava-next": Mixture(),  # the default shape (module docstring of make_records)
+    # A heavier tail for a sensitivity check: more text-only and multi-turn records, as in mixes that add
+    # ShareGPT-style conversations; NeMo describes LLaVA mixes as Zipf-skewed. Not a claim about one dataset.
+    "long-tail": Mixture(text_only=0.25, multi_turn=0.35, long_answer=0.25),
+}
+
+
 def _sentence(rng, low: int, high: int) -> str:
     return " ".join(rng.choice(_WORDS, size=int(rng.integers(low, high + 1)))).capitalize() + "."
 
