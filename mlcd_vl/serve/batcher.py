@@ -1,16 +1,22 @@
-"""One worker thread that owns the engine and serves queued jobs, batching concurrent ones into one `generate`.
+"""One worker thread that owns the engine and serves queued jobs, batching concurrent ones.
 
 The HTTP handlers never touch the engine: they put a `Job` on a bounded queue (a full queue is refused at once with
-`QueueFull`) and await its events. The worker takes the first waiting job, gathers whatever else arrives within a
-few milliseconds up to `max_batch_size`, and groups the gathered jobs:
+`QueueFull`) and await its events ("start" for a stream, "piece"s, then "done" or "error"). Two ways to batch:
 
-- non-streaming jobs with the same decoding settings (temperature, top-p, stop strings ...) share one left-padded
-  `Engine.generate` call; each job's own `max_tokens` is honoured by cutting its row (greedy rows equal batch-1 rows,
-  so the cut row is exactly what the job alone would get);
-- streaming jobs, and jobs with a `seed` (whose sampling must not depend on their neighbours), run alone.
+- `continuous` (the default): iteration-level batching (`continuous.py`, `running_batch.py`). Jobs join a running
+  batch between decode steps and leave it the moment they finish or their client goes; every job keeps its own
+  `max_tokens`, stop strings, temperature / top-p and seed, streaming jobs get each piece as it is decoded, and
+  greedy answers equal the job run alone.
+- `static`: the worker takes the first waiting job, gathers whatever else arrives within `batch_wait_s` up to
+  `max_batch_size`, and groups them: non-streaming jobs with the same decoding settings share one left-padded
+  `Engine.generate` call (each job's own `max_tokens` is honoured by cutting its row); streaming jobs and jobs with
+  a `seed` run alone. The others of a group wait until its longest answer is done. It uses only transformers'
+  public `generate`, so it is also the fallback for models whose KV cache the running batch cannot splice
+  (sliding-window or quantized caches), and what `max_batch_size` 1 runs (nothing to batch: the engine's own
+  `generate` / `stream` per job).
 
 Each job is prepared on its own first (render, tokenize, images), so one bad request fails alone, with an
-`EngineError` that the server answers as a 400; the others of its batch go on.
+`EngineError` that the server answers as a 400; the others go on.
 """
 
 from __future__ import annotations
@@ -23,7 +29,11 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
+from mlcd_vl.serve import running_batch
+from mlcd_vl.serve.continuous import ContinuousLoop
 from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Prompt, Request, Result
+
+SCHEDULING = ("continuous", "static")
 
 log = logging.getLogger("mlcd_vl.serve")
 
@@ -59,7 +69,7 @@ class Job:
             self.cancelled.set()
 
     def batch_key(self) -> tuple | None:
-        """Jobs with equal keys may share a generate call; None runs alone."""
+        """Static batching: jobs with equal keys may share a generate call; None runs alone."""
         if self.stream or self.settings.seed is not None:
             return None
         return tuple(vars(replace(self.settings, max_new_tokens=1)).items())
@@ -69,17 +79,25 @@ class Job:
 class BatcherOptions:
     max_batch_size: int = 8
     max_queue: int = 64
-    batch_wait_s: float = 0.005  # how long the first job waits for company
+    batch_wait_s: float = 0.005  # how long the first job waits for company (when nothing is running)
     default_max_tokens: int = 512  # used when a request gives no max_tokens (capped by the context)
+    scheduling: str = "continuous"  # or "static" (see the module docstring)
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_queue", "default_max_tokens"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be at least 1, got {getattr(self, name)}")
+        if self.scheduling not in SCHEDULING:
+            raise ValueError(f"scheduling must be one of {SCHEDULING}, got {self.scheduling!r}")
 
 
 @dataclass
 class BatcherStats:
+    """Counters for `/metrics`. Batch counts mean engine calls under static batching; under continuous batching
+    `generate_calls` counts prefills (each admits a group of jobs into the running batch), `batch_sizes` counts
+    decode steps by their number of rows, and `largest_batch` is the most rows that ran together."""
+
+    scheduling: str = "continuous"
     requests: int = 0
     completed: int = 0
     failed: int = 0
@@ -89,6 +107,8 @@ class BatcherStats:
     streams: int = 0
     largest_batch: int = 0
     batch_sizes: dict[int, int] = field(default_factory=dict)
+    decode_steps: int = 0  # continuous batching only
+    running: int = 0  # rows in the running batch now (continuous batching)
 
 
 def cut_to_limit(result: Result, limit: int, decode: Callable[[list[int]], str]) -> Result:
@@ -105,7 +125,7 @@ class Batcher:
     def __init__(self, engine: Engine, options: BatcherOptions | None = None):
         self.engine, self.options = engine, options or BatcherOptions()
         options = self.options
-        self.stats = BatcherStats()
+        self.stats = BatcherStats(scheduling=options.scheduling)
         self._queue: queue.Queue[Job] = queue.Queue(maxsize=options.max_queue)
         self._lock = threading.Lock()
         self._stopping = threading.Event()
@@ -113,6 +133,15 @@ class Batcher:
 
     def start(self) -> None:
         self._thread.start()
+
+    def _continuous(self) -> bool:
+        """Whether the worker runs continuous batching (asked on its start: it looks at the model's cache)."""
+        if self.options.scheduling != "continuous" or self.options.max_batch_size == 1:
+            return False
+        if not running_batch.supported(self.engine):
+            log.warning("this model's KV cache cannot be spliced row by row; serving with static batching")
+            return False
+        return True
 
     def close(self, timeout: float = 30.0) -> None:
         self._stopping.set()
@@ -138,6 +167,11 @@ class Batcher:
     # ---------------------------------------------------------------- worker
 
     def _work(self) -> None:
+        if self._continuous():
+            ContinuousLoop(self).run(self._stopping)
+            return
+        with self._lock:
+            self.stats.scheduling = "static"
         while not self._stopping.is_set():
             try:
                 jobs = [self._queue.get(timeout=0.2)]
@@ -217,6 +251,28 @@ class Batcher:
         with self._lock:
             self.stats.cancelled += 1
 
+    def _count_stream(self) -> None:
+        with self._lock:
+            self.stats.streams += 1
+
+    def _count_join(self, rows: int, running: int) -> None:
+        """A prefill brought the running batch to `rows` rows; `running` of them go on (the others finished)."""
+        with self._lock:
+            self.stats.generate_calls += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, rows)
+            self.stats.running = running
+
+    def _count_step(self, rows: int, running: int) -> None:
+        with self._lock:
+            self.stats.decode_steps += 1
+            self.stats.largest_batch = max(self.stats.largest_batch, rows)
+            self.stats.batch_sizes[rows] = self.stats.batch_sizes.get(rows, 0) + 1
+            self.stats.running = running
+
+    def _set_running(self, rows: int) -> None:
+        with self._lock:
+            self.stats.running = rows
+
     def _run_stream(self, job: Job) -> None:
         """One streaming answer; a client that leaves is noticed at the next text piece."""
         if job.cancelled.is_set():
@@ -227,8 +283,7 @@ class Batcher:
         except EngineError as error:
             self._fail(job, error)
             return
-        with self._lock:
-            self.stats.streams += 1
+        self._count_stream()
         job.emit("start")
         stream = self.engine.stream(prompt, replace(job.settings, max_new_tokens=job.max_new_tokens))
         for piece in stream:

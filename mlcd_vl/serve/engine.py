@@ -16,7 +16,9 @@ Generation settings never leak from the checkpoint's `generation_config.json` (Q
 unless a setting asks for the checkpoint's value explicitly.
 
 `Engine.generate` runs `model.generate` (KV cache). `Engine.stream` and `use_cache=False` run a small decode loop of
-our own with the same logits processors in the same order, so both paths give the same greedy tokens (tested).
+our own with the same logits processors in the same order (`decoding.py`), so both paths give the same greedy tokens
+(tested). The API server's continuous batcher (`running_batch.py`) drives the model step by step with the same
+pieces: `prepare`, `_batch`, `stop_rules`, `generation_config`, `_finish`.
 """
 
 from __future__ import annotations
@@ -29,16 +31,16 @@ from typing import Any, Iterator
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation import (LogitsProcessorList, RepetitionPenaltyLogitsProcessor, TemperatureLogitsWarper,
-                                     TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from mlcd_vl.data.templates import get_template, normalize_messages
 from mlcd_vl.model import multimodal, pixels
 from mlcd_vl.model.build import VLMSettings
-
+from mlcd_vl.serve import decoding
+from mlcd_vl.serve.pieces import TextStream
 from mlcd_vl.serve.requests import (EngineError, GenerationSettings, ImageSource, Prompt, Request, Result,  # noqa: F401
                                     flatten_messages, load_image_source)
-from mlcd_vl.serve.stops import find_stop, first_prefix_with_stop, held_back
+from mlcd_vl.serve.stops import find_stop, first_prefix_with_stop
 
 
 class Engine:
@@ -161,29 +163,12 @@ class Engine:
             bos_token_id=self.checkpoint_generation_config.bos_token_id, use_cache=True, **sampling)
 
     def logits_processors(self, config: GenerationConfig) -> LogitsProcessorList:
-        """The processors `model.generate` applies for this config, in its order (for our own decode loop)."""
-        processors = LogitsProcessorList()
-        if config.repetition_penalty not in (None, 1.0):
-            processors.append(RepetitionPenaltyLogitsProcessor(config.repetition_penalty))
-        if config.do_sample:
-            if config.temperature not in (None, 1.0):
-                processors.append(TemperatureLogitsWarper(config.temperature))
-            if config.top_k:
-                processors.append(TopKLogitsWarper(config.top_k))
-            if config.top_p is not None and config.top_p < 1.0:
-                processors.append(TopPLogitsWarper(config.top_p))
-        return processors
+        """The processors `model.generate` applies for this config, in its order (for our own decode loops)."""
+        return decoding.logits_processors(config)
 
-    @contextlib.contextmanager
     def _seeded(self, seed: int | None):
         """Seed the sampler for this call only, leaving the global RNG state as it was."""
-        if seed is None:
-            yield
-            return
-        devices = [self.device] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            torch.manual_seed(seed)
-            yield
+        return decoding.seeded(seed, self.device)
 
     @contextlib.contextmanager
     def _neutral_model_defaults(self):
@@ -239,7 +224,7 @@ class Engine:
         return self.generate([Request(messages, list(images or []))], settings)[0]
 
     def stream(self, request: Request | Prompt | list[dict],
-               settings: GenerationSettings | None = None) -> "TextStream":
+               settings: GenerationSettings | None = None) -> TextStream:
         """Iterate over the answer's text pieces as they are decoded; `.result` holds the final `Result`."""
         if not isinstance(request, (Request, Prompt)):
             request = Request(list(request))
@@ -264,11 +249,7 @@ class Engine:
                 output = self.model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
                                     cache=cache, use_cache=use_cache, logits_to_keep=1)
                 scores = processors(generated, output.logits[:, -1, :].to(dtype=torch.float32))
-                if config.do_sample:
-                    tokens = torch.multinomial(torch.softmax(scores, dim=-1), num_samples=1).squeeze(1)
-                else:
-                    tokens = scores.argmax(dim=-1)
-                tokens = tokens.masked_fill(finished, self.pad_token_id)
+                tokens = decoding.pick(scores, config.do_sample).masked_fill(finished, self.pad_token_id)
             generated = torch.cat([generated, tokens[:, None]], dim=1)
             yield tokens
             finished |= torch.isin(tokens, stop_ids)
@@ -306,48 +287,6 @@ class Engine:
             ids = ids[:count]
         return Result(text=text, prompt_tokens=len(prompt.input_ids), completion_tokens=count,
                       finish_reason=reason, token_ids=ids)
-
-
-class TextStream:
-    """Text pieces of one answer as they are generated (decode loop with KV cache); `.result` after iteration.
-
-    The pieces concatenate to exactly `result.text`: text that might still become a stop string, or an unfinished
-    UTF-8 character, is held back until it is settled.
-    """
-
-    def __init__(self, engine: Engine, request: Request | Prompt, settings: GenerationSettings):
-        self.engine, self.request, self.settings = engine, request, settings
-        self.result: Result | None = None
-
-    def __iter__(self) -> Iterator[str]:
-        engine, settings = self.engine, self.settings
-        prompt = self.request if isinstance(self.request, Prompt) else engine.prepare(self.request)
-        config = engine.generation_config(settings)
-        stop_ids, stop_strings = engine.stop_rules(settings)
-        _, mask, embeds = engine._batch([prompt])
-        ids: list[int] = []
-        emitted = ""
-        with engine._seeded(settings.seed):
-            for step in engine._decode(embeds, mask, config, use_cache=settings.use_cache):  # stops checked here
-                token = int(step[0])
-                ids.append(token)
-                if token in stop_ids:
-                    break
-                text = engine._text(ids)
-                cut = find_stop(text, stop_strings)
-                if cut is not None:
-                    break
-                visible = text[:len(text) - held_back(text, stop_strings)]
-                if len(visible) > len(emitted) and visible.startswith(emitted):
-                    yield visible[len(emitted):]
-                    emitted = visible
-        self.result = engine._finish(prompt, ids, config, stop_strings)
-        if self.result.text.startswith(emitted) and len(self.result.text) > len(emitted):
-            yield self.result.text[len(emitted):]
-
-    def text(self) -> str:
-        """Run to the end and return the whole answer."""
-        return "".join(self)
 
 
 def as_settings(**overrides: Any) -> GenerationSettings:
