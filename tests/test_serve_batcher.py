@@ -15,10 +15,11 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
 from mlcd_vl.demo import DEMO_IMAGE  # noqa: E402
-from mlcd_vl.serve.api import ServerOptions, create_app, image_bytes  # noqa: E402
+from mlcd_vl.serve.api import ServerOptions, create_app  # noqa: E402
 from mlcd_vl.serve.api_schema import APIError  # noqa: E402
 from mlcd_vl.serve.batcher import Batcher, BatcherOptions, Job, cut_to_limit  # noqa: E402
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
+from mlcd_vl.serve.intake import image_bytes  # noqa: E402
 
 
 
@@ -32,6 +33,11 @@ class ImageHandler(http.server.BaseHTTPRequestHandler):
     def do_GET(self):  # noqa: N802 - http.server's name
         if self.path == "/slow.png":
             time.sleep(3)
+        if self.path == "/redirect.png":
+            self.send_response(302)
+            self.send_header("Location", "/demo.png")
+            self.end_headers()
+            return
         if self.path in ("/demo.png", "/slow.png"):
             data = DEMO_IMAGE.read_bytes()
             self.send_response(200)
@@ -58,8 +64,16 @@ def test_remote_images_only_when_allowed(image_server):
     url = f"{image_server}/demo.png"
     with pytest.raises(APIError, match="--allow-remote-urls"):
         image_bytes(url, ServerOptions("m"), "messages[0].content[0]")
-    allowed = ServerOptions("m", allow_remote_urls=True, remote_timeout_s=1.0)
+    public_only = ServerOptions("m", allow_remote_urls=True, remote_timeout_s=1.0)
+    with pytest.raises(APIError, match="non-public address 127.0.0.1.*--allow-private-urls"):
+        image_bytes(url, public_only, "x")  # the test server is on loopback: refused by default
+    for internal in ("http://169.254.169.254/latest/meta-data", "http://10.0.0.1/a.png", "http://[::1]/a.png"):
+        with pytest.raises(APIError, match="non-public address"):
+            image_bytes(internal, public_only, "x")
+    allowed = replace(public_only, allow_private_urls=True)
     assert image_bytes(url, allowed, "x") == DEMO_IMAGE.read_bytes()
+    with pytest.raises(APIError, match="redirects are not followed"):
+        image_bytes(f"{image_server}/redirect.png", allowed, "x")
     with pytest.raises(APIError, match="larger than 100 bytes"):
         image_bytes(url, replace(allowed, max_image_bytes=100), "x")
     with pytest.raises(APIError, match="cannot fetch"):
@@ -108,7 +122,7 @@ class GatedEngine:
 def test_full_queue_answers_429_and_remote_images_flow(engine, image_server):
     gated = GatedEngine(engine)
     gated.gate.set()
-    options = ServerOptions("m", allow_remote_urls=True, max_request_bytes=100_000,
+    options = ServerOptions("m", allow_remote_urls=True, allow_private_urls=True, max_request_bytes=100_000,
                             batcher=BatcherOptions(max_batch_size=1, max_queue=1, batch_wait_s=0.0))
     app = create_app(gated, options)
     batcher: Batcher = app.state.batcher
@@ -166,3 +180,23 @@ def test_servers_bind_loopback_by_default():
     api.configure_parser(parser)
     args = parser.parse_args(["--model", "m"])
     assert (args.port, args.max_batch_size, args.max_queue, args.allow_remote_urls) == (8000, 8, 64, False)
+    assert (args.allow_private_urls, args.scheduling) == (False, "continuous")
+
+
+def test_api_key_is_required_when_set(engine):
+    options = ServerOptions("m", api_key="s3cret", batcher=BatcherOptions(max_batch_size=2))
+    app = create_app(engine, options)
+
+    async def scenario():
+        transport = httpx.ASGITransport(app=app)
+        async with httpx.AsyncClient(transport=transport, base_url="http://test", timeout=60) as client:
+            assert (await client.get("/health")).status_code == 200  # probes need no key
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic s3cret"}):
+                for path in ("/v1/models", "/metrics"):
+                    denied = await client.get(path, headers=headers)
+                    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+                    assert denied.headers["www-authenticate"] == "Bearer"
+            ok = await client.get("/v1/models", headers={"Authorization": "Bearer s3cret"})
+            assert ok.status_code == 200 and ok.json()["data"][0]["id"] == "m"
+
+    asyncio.run(scenario())

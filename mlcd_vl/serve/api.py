@@ -7,30 +7,30 @@ Endpoints: `GET /v1/models`, `POST /v1/chat/completions` (images as `image_url` 
     mlcd-vl serve --model runs/finetune --port 8000
     openai.OpenAI(base_url="http://127.0.0.1:8000/v1", api_key="unused").chat.completions.create(...)
 
-The server binds 127.0.0.1 unless told otherwise and has no authentication: put a proxy in front of it before
-exposing it. Concurrent non-streaming requests are batched into one engine call (see `batcher.py`); a full queue
-answers 429. Remote `http(s)` image URLs are refused unless `--allow-remote-urls` (then fetched with a size limit
-and a timeout); local paths and `file://` URLs are always refused. Every bad request gets a 4xx with an OpenAI-style
-error body, and the server goes on serving.
+The server binds 127.0.0.1 unless told otherwise. With `--api-key` (or `MLCD_VL_API_KEY`) every `/v1` and
+`/metrics` request must carry `Authorization: Bearer <key>` (what OpenAI clients send); `/health` stays open.
+Concurrent requests, streaming or not, share the model through continuous batching (`batcher.py`: rows join and
+leave the running batch between decode steps); a full queue answers 429. Images: base64 `data:` URLs; remote
+`http(s)` URLs only with `--allow-remote-urls`, and then public hosts only, no redirects, a size limit and a
+deadline (`intake.py`); local paths and `file://` URLs are always refused. Every bad request gets a 4xx with an
+OpenAI-style error body, and the server goes on serving.
 """
 
 import argparse
 import asyncio
-import base64
-import binascii
-import io
+import hmac
 import json
 import logging
+import os
 import sys
 import time
-import urllib.error
-import urllib.request
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from mlcd_vl.serve.api_schema import APIError, as_api_error, read_body
+from mlcd_vl.serve.intake import IntakeOptions, resolve_images
 
 if TYPE_CHECKING:
     from mlcd_vl.serve.batcher import BatcherOptions
@@ -39,13 +39,12 @@ log = logging.getLogger("mlcd_vl.serve")
 
 
 @dataclass
-class ServerOptions:
+class ServerOptions(IntakeOptions):
+    """What the HTTP layer needs; the image intake settings come from `IntakeOptions` (keyword-only)."""
+
     served_model_name: str
-    allow_remote_urls: bool = False
-    max_image_pixels: int = 4096 * 4096
-    max_image_bytes: int = 20 * 1024 * 1024
-    remote_timeout_s: float = 10.0
     max_request_bytes: int = 64 * 1024 * 1024
+    api_key: str | None = None  # None: no authentication (loopback binding is the protection)
     batcher: "BatcherOptions | None" = None  # None: the batcher's defaults (imported late: it loads torch)
 
 
@@ -54,8 +53,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
-    parser.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs")
-    parser.add_argument("--max-batch-size", type=int, default=8, help="requests per engine call")
+    parser.add_argument("--api-key", default=os.environ.get("MLCD_VL_API_KEY"),
+                        help="require 'Authorization: Bearer KEY' on /v1 and /metrics (default: $MLCD_VL_API_KEY; "
+                             "unset: no authentication)")
+    parser.add_argument("--allow-remote-urls", action="store_true", help="fetch http(s) image URLs (public hosts)")
+    parser.add_argument("--allow-private-urls", action="store_true",
+                        help="with --allow-remote-urls: also loopback, private and link-local addresses")
+    parser.add_argument("--max-batch-size", type=int, default=8, help="rows in the running batch")
+    parser.add_argument("--scheduling", choices=("continuous", "static"), default="continuous",
+                        help="continuous: requests join the running batch between decode steps; static: one "
+                             "generate call per group of waiting requests")
     parser.add_argument("--max-queue", type=int, default=64, help="waiting requests before answering 429")
     parser.add_argument("--batch-wait-ms", type=float, default=5.0, help="how long a request waits for company")
     parser.add_argument("--default-max-tokens", type=int, default=512, help="when a request sets no max_tokens")
@@ -65,79 +72,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, cpu, cuda:1 ... (default: cuda if available)")
     parser.add_argument("--dtype", default=None, choices=("float32", "bfloat16", "float16"))
     parser.add_argument("--log-level", default="info", choices=("debug", "info", "warning", "error"))
-
-
-# ------------------------------------------------------------------------------------------------ images
-
-def fetch_remote(url: str, options: ServerOptions) -> bytes:
-    """GET an image with a total deadline and a size limit."""
-    deadline = time.monotonic() + options.remote_timeout_s
-    try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"User-Agent": "mlcd-vl"}),
-                                    timeout=options.remote_timeout_s) as response:
-            data = bytearray()
-            while piece := response.read(65536):
-                data += piece
-                if len(data) > options.max_image_bytes:
-                    raise APIError(400, f"{url}: the image is larger than {options.max_image_bytes} bytes")
-                if time.monotonic() > deadline:
-                    raise APIError(400, f"{url}: fetching took longer than {options.remote_timeout_s} s")
-    except (urllib.error.URLError, OSError, ValueError) as error:
-        raise APIError(400, f"cannot fetch {url}: {getattr(error, 'reason', error)}") from error
-    return bytes(data)
-
-
-def image_bytes(url: str, options: ServerOptions, where: str) -> bytes:
-    """The checked bytes of one `image_url`: decoded, an image, not too large."""
-    from PIL import Image
-
-    if url.startswith("data:"):
-        header, comma, payload = url.partition(",")
-        if not comma or ";base64" not in header:
-            raise APIError(400, f"{where}: image data URLs must be base64 (data:image/png;base64,...)", param=where)
-        payload = "".join(payload.split())
-        if len(payload) * 3 // 4 > options.max_image_bytes:
-            raise APIError(400, f"{where}: the image is larger than {options.max_image_bytes} bytes", param=where)
-        try:
-            data = base64.b64decode(payload, validate=True)
-        except (binascii.Error, ValueError):
-            raise APIError(400, f"{where}: the image data URL is not valid base64", param=where) from None
-    elif url.startswith(("http://", "https://")):
-        if not options.allow_remote_urls:
-            raise APIError(400, f"{where}: remote image URLs are not fetched by this server; send the image as a "
-                                "base64 data URL (data:image/png;base64,...), or start the server with "
-                                "--allow-remote-urls", param=where, code="remote_urls_disabled")
-        data = fetch_remote(url, options)
-    else:
-        raise APIError(400, f"{where}: image_url must be a base64 data: URL"
-                            + (" or an http(s) URL" if options.allow_remote_urls else ""), param=where)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise APIError(400, f"{where}: the image has too many pixels", param=where, code="image_too_large") from None
-    except Exception as error:  # noqa: BLE001 - PIL raises many kinds for garbage input
-        raise APIError(400, f"{where}: not a readable image ({error})", param=where, code="invalid_image") from None
-    if width * height > options.max_image_pixels:
-        raise APIError(400, f"{where}: the image is {width}x{height} pixels; this server accepts at most "
-                            f"{options.max_image_pixels} pixels", param=where, code="image_too_large")
-    return data
-
-
-def resolve_images(messages: list[dict], options: ServerOptions) -> list[dict]:
-    """Replace every `image_url` part by an `image` part holding checked bytes (runs in a worker thread)."""
-    for m, message in enumerate(messages):
-        if not isinstance(message["content"], list):
-            continue
-        for p, part in enumerate(message["content"]):
-            if part["type"] == "image_url":
-                url = part.get("image_url")
-                url = url.get("url") if isinstance(url, dict) else url
-                where = f"messages[{m}].content[{p}]"
-                if not url:
-                    raise APIError(400, f"{where}: image_url part without a url", param=where)
-                message["content"][p] = {"type": "image", "image": image_bytes(url, options, where)}
-    return messages
 
 
 # ------------------------------------------------------------------------------------------------ app
@@ -170,6 +104,17 @@ def create_app(engine, options: ServerOptions):
     @app.exception_handler(APIError)
     async def api_error(_request, error: APIError):
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.middleware("http")
+    async def authenticate(http: Request, call_next):
+        if options.api_key and http.url.path != "/health":
+            scheme, _, given = http.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                      options.api_key.encode()):
+                error = APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                                 code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+                return JSONResponse(error.body(), status_code=401, headers=error.headers)
+        return await call_next(http)
 
     @app.get("/health")
     async def health():
@@ -274,18 +219,18 @@ def run(args: argparse.Namespace) -> int:
     try:
         options = ServerOptions(
             served_model_name=args.served_model_name or Path(args.model).resolve().name,
-            allow_remote_urls=args.allow_remote_urls, max_image_pixels=args.max_image_pixels,
+            allow_remote_urls=args.allow_remote_urls, allow_private_urls=args.allow_private_urls,
+            api_key=args.api_key or None, max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes, remote_timeout_s=args.remote_timeout,
             max_request_bytes=max(64 * 1024 * 1024, 2 * args.max_image_bytes),  # room for base64 images
             batcher=BatcherOptions(args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000,
-                                   args.default_max_tokens))
+                                   args.default_max_tokens, scheduling=args.scheduling))
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     except (CheckpointError, OSError, ValueError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    if args.host not in ("127.0.0.1", "localhost", "::1"):
-        log.warning("binding %s: this API has no authentication; anyone who can reach the port can use the model",
-                    args.host)
+    if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
+        log.warning("binding %s without --api-key: anyone who can reach the port can use the model", args.host)
     log.info("serving %s as %r on http://%s:%d/v1", args.model, options.served_model_name, args.host, args.port)
     uvicorn.run(create_app(engine, options), host=args.host, port=args.port, log_level=args.log_level)
     return 0
