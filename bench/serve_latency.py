@@ -2,6 +2,7 @@
 
     python bench/serve_latency.py                      # the tiny model (built in a temporary folder), CPU or GPU
     python bench/serve_latency.py --model runs/finetune --max-tokens 256
+    python bench/serve_latency.py --quick              # code-path check: 8 tokens, 1 repeat
 
 Starts `mlcd_vl.serve.api` in this process (uvicorn in a thread, a free loopback port) and measures, for one
 question about the bundled picture:
@@ -136,8 +137,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch threads (default: torch's own; 1 keeps a loaded machine from stalling the "
+                             "parallel regions, see bench/README.md)")
+    parser.add_argument("--quick", action="store_true", help="8 tokens, 1 repeat: checks the code path only")
     parser.add_argument("--out", type=Path, default=RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.repeats = min(args.max_tokens, 8), 1
 
     import openai
     import torch
@@ -148,6 +155,8 @@ def main(argv: list[str] | None = None) -> int:
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
         folder = args.model or build_tiny_model(Path(scratch))
@@ -185,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
         f"| {args.concurrency} concurrent requests | {concurrent.tokens_per_s:.1f} tokens/s "
         f"({concurrent.completion_tokens} tokens in {concurrent.wall_s:.2f} s; {concurrent.batches} generate "
         f"call(s), largest batch {concurrent.largest_batch}) |", "",
-    ]
+    ] + (["_--quick: a code-path check; the numbers mean nothing._", ""] if args.quick else [])
     args.out.mkdir(parents=True, exist_ok=True)
     path = args.out / f"serve_latency_{machine}_{datetime.date.today().isoformat()}.md"
     path.write_text("\n".join(lines))

@@ -4,6 +4,7 @@ and with 2 torch threads.
 
     python bench/serve_steps.py                 # the tiny model (built in a temporary folder)
     python bench/serve_steps.py --repeats 9 --max-tokens 64
+    python bench/serve_steps.py --quick         # code-path check: 4 tokens, 1 repeat, 1 thread
 
 Request: the bundled picture + a question (as `bench/serve_latency.py`). Each measure is the median of `--repeats`
 runs, taken round-robin (one run of every measure in turn) so load bursts from other work hit them alike. Writes
@@ -66,8 +67,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-tokens", type=int, default=64)
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", default="1,2", help="torch thread counts to compare")
+    parser.add_argument("--quick", action="store_true", help="4 tokens, 1 repeat, 1 thread: checks the code path")
     parser.add_argument("--out", type=Path, default=common.RESULTS)
     args = parser.parse_args(argv)
+    if args.quick:
+        args.max_tokens, args.repeats, args.threads = min(args.max_tokens, 4), 1, "1"
 
     import torch
     from transformers.utils import logging as hf_logging
@@ -103,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
     for name in names:
         cells = [f"{statistics.median(samples[(count, name)][1:]):.1f}" for count in threads]
         lines.append(f"| {name} | " + " | ".join(cells) + " |")
+    if args.quick:
+        lines += ["", "_--quick: a code-path check; the numbers mean nothing._"]
     common.write_result(common.result_path(args.out, "serve_steps"), lines)
     return 0
 

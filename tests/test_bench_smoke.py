@@ -74,3 +74,12 @@ def test_gpu_step_dry_run_and_no_cuda_exit(bench, tmp_path):
                               check=False, capture_output=True, text=True, timeout=120)
         assert done.returncode == 2 and "no CUDA" in done.stderr
         assert not (tmp_path / "none").exists()
+
+
+def test_serve_benches_quick(bench, tmp_path):
+    pytest.importorskip("openai")
+    assert bench("serve_steps").main(["--quick", "--out", str(tmp_path)]) == 0
+    assert "decode" in only_result(tmp_path, "serve_steps", bench("common").machine_name()).lower()
+    assert bench("serve_latency").main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
+    text = next(tmp_path.glob("serve_latency_*.md")).read_text()
+    assert "time to first token" in text and "concurrent requests" in text
