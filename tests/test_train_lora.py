@@ -35,6 +35,15 @@ def lora_run(data):
     return config, train(config)
 
 
+def randomise_lora_b(model):
+    """B starts at zero (the adapters change nothing): give it values."""
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if ".lora_B." in name:
+                param.normal_(0, 0.5, generator=generator)
+
+
 def text_logits(model, seed=0):
     ids = torch.randint(0, 400, (2, 12), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
@@ -60,14 +69,55 @@ def test_merge_keeps_the_outputs(data):
     config = lora_config(data, data["root"] / "unused")
     model, _, _, _ = loop.build_model(config)
     tuner = lora.apply_lora(model, config.lora, config.tunable_parts_list)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if ".lora_B." in name:
-                param.normal_(0, 0.5)  # B starts at zero: make the adapters matter
+    randomise_lora_b(model)  # make the adapters matter
     before = text_logits(model)
     merged = lora.merge(tuner)
     assert not any(".lora_" in name or "base_layer" in name for name, _ in merged.named_parameters())
     torch.testing.assert_close(text_logits(merged), before, rtol=1e-5, atol=1e-5)
+
+
+def test_tensor_merge_equals_peft_merge(data):
+    """ZeRO-3's merge, on a (consolidated) state dict, gives exactly what `merge_and_unload` gives on the module."""
+    config = lora_config(data, data["root"] / "unused", "lora.alpha=12")
+    model, _, _, _ = loop.build_model(config)
+    plain_keys = list(model.state_dict())
+    tuner = lora.apply_lora(model, config.lora, config.tunable_parts_list)
+    randomise_lora_b(model)
+    scalings = lora.layer_scalings(model)
+    assert len(scalings) == 7 * model.config.text_config.num_hidden_layers and set(scalings.values()) == {12 / 4}
+    state = {key: tensor.clone() for key, tensor in model.state_dict().items()}  # merge_state_dict consumes it
+    merged = lora.merge_state_dict(state, scalings)
+    expected = lora.merge(tuner).state_dict()
+    assert list(merged) == list(expected) == plain_keys  # base_layer renamed back, adapters gone, same order
+    for key, tensor in expected.items():
+        torch.testing.assert_close(merged[key], tensor, rtol=0, atol=0, msg=key)
+
+
+def test_tensor_merge_reads_peft_scaling_and_checks_keys():
+    """rsLoRA's alpha / sqrt(r) comes from the layers; an adapter tensor left over or missing is an error."""
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import LoraModel
+
+    model = torch.nn.Sequential(torch.nn.Linear(8, 6), torch.nn.Linear(6, 4, bias=False))
+    tuner = LoraModel(model, PeftLoraConfig(r=4, lora_alpha=6, use_rslora=True, target_modules=["0", "1"]),
+                      lora.ADAPTER)
+    randomise_lora_b(model)
+    scalings = lora.layer_scalings(model)
+    assert scalings == {"0": 6 / 2, "1": 6 / 2}
+    def state(drop=(), **extra):
+        return {k: v.clone() for k, v in model.state_dict().items() if k not in drop} | extra
+
+    with pytest.raises(ValueError, match="missing"):
+        lora.merge_state_dict(state(drop=["1.lora_B.default.weight"]), scalings)
+    with pytest.raises(ValueError, match="no adapter scaling"):
+        lora.merge_state_dict(state(), {"0": scalings["0"]})
+    with pytest.raises(ValueError, match="no merged layer"):
+        lora.merge_state_dict(state(**{"2.lora_A.default.weight": torch.zeros(4, 4)}), scalings)
+    merged = lora.merge_state_dict(state(), scalings)
+    expected = tuner.merge_and_unload().state_dict()
+    assert list(merged) == list(expected) == ["0.weight", "0.bias", "1.weight"]
+    for key, tensor in expected.items():
+        torch.testing.assert_close(merged[key], tensor, rtol=0, atol=0, msg=key)
 
 
 def test_lora_run_saves_a_plain_merged_model(lora_run):

@@ -7,14 +7,21 @@ weights, embeddings and LM head stay frozen; `image_newline`, a new parameter, s
 fully with `mm_mlp_adapter`, the vision tower only with `mm_vision_tower`.
 
 The adapters are injected in place (`peft.LoraModel` over the VLM, no `PeftModel` wrapper), so the training forward,
-checkpoints (`accelerator.save_state` holds the adapter weights under their PEFT names) and resume are those of an
-ordinary run; `merge` folds them into the base weights (`merge_and_unload`) before the final save.
+checkpoints (`accelerator.save_state` holds the adapter weights under their PEFT names; under DeepSpeed the engine's
+checkpoint) and resume are those of an ordinary run. Before the final save the adapters are folded into the base
+weights, so the saved folder is the plain model:
+
+* `merge`: PEFT's `merge_and_unload` on the module, when it holds its weights (one process, DDP, ZeRO-1/2);
+* `merge_consolidated`: under ZeRO-3 the module's parameters are partitioned (empty on every rank), so the merge is
+  done on the consolidated fp32 state dict instead (`merge_state_dict`: W = W_base + (B @ A) * scaling, PEFT's own
+  per-layer scaling), and the module is only un-injected (`unload`) so its structure is the plain model's again.
 """
 
 from __future__ import annotations
 
 import re
 
+import torch
 from torch import nn
 
 from mlcd_vl.train.config import ConfigError, LoraConfig
@@ -31,8 +38,13 @@ def target_pattern(target_modules: list[str]) -> str:
     return rf"{re.escape(LLM_PREFIX)}.*\.({names})"
 
 
-def apply_lora(model: nn.Module, config: LoraConfig, tunable_parts: list[str]):
-    """Inject adapters into `model` in place, after `optim.apply_tunable_parts`; returns the PEFT tuner."""
+def apply_lora(model: nn.Module, config: LoraConfig, tunable_parts: list[str], seed: int = 0):
+    """Inject adapters into `model` (on the CPU) in place, after `optim.apply_tunable_parts`; returns the PEFT tuner.
+
+    The adapters' random init (lora_A) is drawn from the CPU RNG seeded with `seed` and the global RNG state is
+    restored afterwards, so it does not depend on what the process drew before (only the main process writes the
+    tiny preset, say) and the rest of the run draws what it would without LoRA.
+    """
     from peft import LoraConfig as PeftLoraConfig
     from peft import LoraModel
 
@@ -41,7 +53,9 @@ def apply_lora(model: nn.Module, config: LoraConfig, tunable_parts: list[str]):
     before = {name: param.requires_grad for name, param in model.named_parameters()}
     peft_config = PeftLoraConfig(r=config.r, lora_alpha=config.alpha, lora_dropout=config.dropout,
                                  target_modules=target_pattern(config.target_modules), bias="none")
-    tuner = LoraModel(model, peft_config, ADAPTER)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        tuner = LoraModel(model, peft_config, ADAPTER)
     adapters = 0
     for name, param in model.named_parameters():
         if ".lora_" in name:
@@ -59,3 +73,56 @@ def apply_lora(model: nn.Module, config: LoraConfig, tunable_parts: list[str]):
 def merge(tuner) -> nn.Module:
     """Fold the adapters into the base weights and remove them; returns the plain VLM (the same object)."""
     return tuner.merge_and_unload()
+
+
+def layer_scalings(model: nn.Module, adapter: str = ADAPTER) -> dict[str, float]:
+    """PEFT's scaling of each adapted layer, by module name: `lora_alpha / r` (`/ sqrt(r)` with rsLoRA), read from
+    the layers themselves rather than recomputed, so the tensor merge uses exactly what the forward used."""
+    from peft.tuners.lora import LoraLayer
+
+    return {name: module.scaling[adapter] for name, module in model.named_modules()
+            if isinstance(module, LoraLayer) and adapter in module.scaling}
+
+
+def merge_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float],
+                     adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
+    """The plain model's state dict from one with injected adapters (PEFT names), as `merge_and_unload` would give.
+
+    For every adapted layer `L` (a key of `scalings`): `L.weight = L.base_layer.weight + (B @ A) * scaling` with
+    `A = L.lora_A.<adapter>.weight`, `B = L.lora_B.<adapter>.weight`; the lora tensors are dropped and the other
+    `L.base_layer.*` tensors (the bias) renamed to `L.*`. Dropout plays no part in a merge. The merged weights are
+    updated in place in `state`'s tensors (as PEFT updates the module's), so no second copy of the language model is
+    held: `state` is consumed. A lora tensor of no listed layer, or a listed layer without its A/B, is an error.
+    """
+    merged: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    for key, tensor in state.items():
+        if ".lora_" in key:
+            continue
+        layer, found, name = key.rpartition(".base_layer.")
+        if not found:
+            merged[key] = tensor
+            continue
+        if layer not in scalings:
+            raise ValueError(f"{key}: a base layer with no adapter scaling (not an adapted layer?)")
+        if name == "weight":
+            lora_a, lora_b = f"{layer}.lora_A.{adapter}.weight", f"{layer}.lora_B.{adapter}.weight"
+            if lora_a not in state or lora_b not in state:
+                raise ValueError(f"{layer}: adapter {adapter!r} tensors missing from the state dict")
+            # PEFT's arithmetic (get_delta_weight + `+=`), in fp32 for 16-bit tensors as PEFT does on CPU
+            delta = (state[lora_b].float() @ state[lora_a].float()) * scalings[layer]
+            tensor.add_(delta.to(tensor.dtype))
+            used.update((lora_a, lora_b))
+        merged[f"{layer}.{name}"] = tensor
+    left = sorted(key for key in state if ".lora_" in key and key not in used)
+    if left:
+        raise ValueError(f"{len(left)} lora tensor(s) of no merged layer, e.g. {left[:3]}")
+    return merged
+
+
+def merge_consolidated(tuner, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
+    """ZeRO-3's merge: `state` (the consolidated fp32 weights, PEFT names; consumed) merged on the tensors, and the
+    module un-injected (`unload`: layers swapped back, its partitioned parameters untouched). Returns the plain VLM
+    (the object the adapters were injected into) and the merged state dict, for `save_vlm(..., state_dict=...)`."""
+    merged = merge_state_dict(state, layer_scalings(tuner.model))
+    return tuner.unload(), merged

@@ -21,7 +21,8 @@ Launch: one process as is; several with `accelerate launch [--use_deepspeed ...]
 Checkpoints every `save_steps` (`checkpointing`), resumed from the newest one by default (`resume: latest`).
 DeepSpeed (`zero`): the recipe's JSON with every "auto" filled from the recipe; torch AdamW and our schedule are
 handed over (the schedule stays ours: stepped once per optimizer step, saved with the checkpoint); ZeRO-3's final
-weights are consolidated from a sharded save. LoRA (`lora`): adapters on the LLM, merged before the final save.
+weights are consolidated from a sharded save. LoRA (`lora`): adapters on the LLM, merged before the final save (with
+ZeRO-3 on the consolidated tensors, `lora.merge_consolidated`, since the module's parameters are partitioned).
 Logging: `report_to: tensorboard | wandb` (accelerate's trackers; `WANDB_MODE=offline` works without a key).
 """
 
@@ -102,7 +103,7 @@ def train(config) -> TrainResult:
     from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS
     from mlcd_vl.model.checkpoint import save_vlm
     from mlcd_vl.train import checkpointing, lora, loop, metrics, optim, zero
-    from mlcd_vl.train.config import ConfigError, save_resolved
+    from mlcd_vl.train.config import save_resolved
     from mlcd_vl.train.step import TrainingForward
 
     # 1. Config ---------------------------------------------------------------------------------------------------
@@ -112,8 +113,6 @@ def train(config) -> TrainResult:
     main, world_size = state.is_main_process, state.num_processes
     output_dir = Path(config.output_dir)
     config.batch.check(world_size)
-    if config.lora.enabled and config.deepspeed and zero.config_stage(config.deepspeed) == 3:
-        raise ConfigError("lora.enabled: LoRA with ZeRO-3 is not supported yet (use zero2.json or no DeepSpeed)")
     if main:
         save_resolved(config, output_dir)
     set_seed(config.seed)
@@ -130,7 +129,7 @@ def train(config) -> TrainResult:
     # 3. What trains, optimizer ------------------------------------------------------------------------------------
     optim.apply_tunable_parts(vlm, config.tunable_parts)
     frozen = optim.freeze_unreached(vlm)  # no gradient can reach them; DDP would fail on them
-    tuner = lora.apply_lora(vlm, config.lora, config.tunable_parts_list) if config.lora.enabled else None
+    tuner = lora.apply_lora(vlm, config.lora, config.tunable_parts_list, config.seed) if config.lora.enabled else None
     summary = optim.parameter_summary(vlm)
     if frozen:
         say(f"{len(frozen)} vision-tower tensor(s) after the feature layer stay frozen (no gradient reaches them)")
@@ -233,7 +232,9 @@ def train(config) -> TrainResult:
     final = None
     if main:
         vlm = accelerator.unwrap_model(model).vlm
-        if tuner is not None:
+        if tuner is not None and full_state is not None:  # ZeRO-3: partitioned parameters, merge the tensors
+            vlm, full_state = lora.merge_consolidated(tuner, full_state)
+        elif tuner is not None:
             vlm = lora.merge(tuner)  # a plain model again: the saved folder needs no PEFT
         final = vlm
         save_vlm(vlm, tokenizer, settings, output_dir, state_dict=full_state)

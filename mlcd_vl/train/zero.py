@@ -20,7 +20,6 @@ it and is not relied on.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import socket
@@ -41,11 +40,6 @@ def single_process_launch_env() -> bool:
     os.environ.update(RANK="0", LOCAL_RANK="0", WORLD_SIZE="1", LOCAL_WORLD_SIZE="1", MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     return True
-
-
-def config_stage(path: str | Path) -> int:
-    """The ZeRO stage a DeepSpeed JSON asks for (0 without a zero_optimization block)."""
-    return int(json.loads(Path(path).read_text()).get("zero_optimization", {}).get("stage", 0))
 
 
 def zero_stage(accelerator) -> int:
