@@ -35,6 +35,13 @@ def padding_to_causal_mask(padding: torch.Tensor, q_length: int) -> torch.Tensor
     return allowed | ~allowed.any(dim=-1, keepdim=True)
 
 
+def cu_seqlens_from_positions(positions: torch.Tensor) -> torch.Tensor:
+    """[0, sample starts..., length] (int32) of one row whose position ids restart at 0 at every sample; the first
+    token always starts a sample. The one place sample boundaries are read from position ids."""
+    starts = (positions[1:] == 0).nonzero().flatten() + 1
+    return torch.cat([starts.new_zeros(1), starts, starts.new_tensor([positions.shape[-1]])]).to(torch.int32)
+
+
 def sample_bounds(cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor | None, rows: int,
                   length: int) -> list[list[int]] | None:
     """Per row, the sample boundaries [0, ..., length] of a packed batch; None when no row is packed.
@@ -50,13 +57,9 @@ def sample_bounds(cu_seq_lens: torch.Tensor | None, position_ids: torch.Tensor |
         return [bounds]
     if position_ids is None or position_ids.shape[-1] != length:
         return None
-    starts = (position_ids.reshape(-1, length)[:, 1:] == 0).nonzero().tolist()
-    if not starts:
+    per_row = [cu_seqlens_from_positions(row).tolist() for row in position_ids.reshape(-1, length)]
+    if all(len(bounds) == 2 for bounds in per_row):  # one sample per row: ordinary causal attention
         return None
-    per_row = [[0] for _ in range(position_ids.reshape(-1, length).shape[0])]
-    for row, column in starts:
-        per_row[row].append(column + 1)
-    per_row = [bounds + [length] for bounds in per_row]
     return per_row if len(per_row) == rows else per_row * rows  # position ids broadcast over the batch
 
 

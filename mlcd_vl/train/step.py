@@ -28,6 +28,7 @@ from mlcd_vl.data.packing import block_causal_mask  # noqa: F401  (re-exported: 
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.pixels import dummy_pixels
+from mlcd_vl.model.varlen import cu_seqlens_from_positions, text_attention
 from mlcd_vl.train.loss import (IGNORE_INDEX, StepTokens, count_supervised, normalise, plan_step, shifted_targets,
                                 token_loss_sum)
 
@@ -108,10 +109,9 @@ def sample_boundaries(batch: TrainBatch) -> dict:
     if batch.input_ids.shape[0] != 1:
         raise BatchError(f"packed rows without a mask must come one per micro-batch, got {batch.input_ids.shape[0]}")
     positions = batch.position_ids[0]
-    starts = (positions == 0).nonzero().flatten()
-    if not len(starts) or int(starts[0]) != 0:
+    if not positions.numel() or int(positions[0]) != 0:
         raise BatchError("a packed row must start a sample at its first token (position id 0)")
-    cu = torch.cat([starts, starts.new_tensor([positions.shape[0]])]).to(torch.int32)
+    cu = cu_seqlens_from_positions(positions)
     longest = int((cu[1:] - cu[:-1]).max())
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
@@ -137,7 +137,7 @@ def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch,
                  num_items_in_step: StepTokens) -> LossOutput:
     """Embed, run the language model, and return the micro-batch loss normalised by `num_items_in_step`."""
     batch.validate()
-    attention = getattr(model.model.language_model.config, "_attn_implementation", None) or ""
+    attention = text_attention(model)
     if batch.attention_mask is None and attention not in MASK_FREE_IMPLEMENTATIONS:
         raise BatchError(f"packed rows without a 4D block-diagonal mask leak attention across samples with "
                          f"{attention!r} attention; build the mask, or use one of {', '.join(MASK_FREE_IMPLEMENTATIONS)}")
