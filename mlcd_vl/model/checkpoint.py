@@ -180,7 +180,7 @@ def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, devi
     if problems:
         raise CheckpointError(f"{folder}: the weights do not fit the {config.model_type} model its config.json "
                               f"describes (shape mismatch or missing tensors):\n{problems}")
-    extra = describe_weight_mismatch({"unexpected_keys": info.get("unexpected_keys")}, kinds=("unexpected_keys",))
+    extra = describe_weight_mismatch({"unexpected_keys": info.get("unexpected_keys")})
     if extra:  # unused tensors change nothing the model computes: worth a warning, not a refusal
         log.warning("%s: tensors the %s model does not use were ignored:\n%s", folder, config.model_type, extra)
     model.to(device).eval()

@@ -146,9 +146,9 @@ def train(config) -> TrainResult:
     if config.data.token_budget and not config.data.packing:
         say("note: data.token_budget only applies to packing; padded batches use batch.per_device_batch_size")
     if config.data.packing:
-        say(f"packing: rows of <= {config.data.token_budget} tokens, {loop.packed_attention(config)} attention "
-            f"per sample" + ("" if loop.packed_attention(config) in MASK_FREE_IMPLEMENTATIONS
-                             else " through a 4D block-diagonal mask (O(T^2) memory)"))
+        attention = loop.packed_attention(config)
+        say(f"packing: rows of <= {config.data.token_budget} tokens, {attention} attention per sample"
+            + ("" if attention in MASK_FREE_IMPLEMENTATIONS else " through a 4D block-diagonal mask (O(T^2) memory)"))
     if main and data.scan_log.total:
         say(data.scan_log.summary("left out by the length scan"))
     micro_per_epoch = len(data.sampler)
