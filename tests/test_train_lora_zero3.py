@@ -23,7 +23,6 @@ from safetensors.torch import load_file
 pytest.importorskip("deepspeed")
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
-FIRST_LAUNCH_TIMEOUT, LAUNCH_TIMEOUT = 480, 240  # the first DeepSpeed launch may JIT-build the shm op
 LORA = ["tunable_parts=mm_mlp_adapter,mm_language_model", "lora.enabled=true", "lora.r=4", "lora.alpha=8",
         "lora.dropout=0"]  # dropout draws differ between one and two processes
 
@@ -36,37 +35,21 @@ def data(tmp_path_factory):
 def overrides(data, out, *extra):
     # projector_lr below lr: Adam turns the projector's near-zero gradients into lr-sized steps whose sign can flip
     # with summation order; the adapters learn at 1e-2 so that the merge visibly moves the LLM's weights.
-    return [f"data.train={data['mixed']}", f"data.image_folder={data['images']}", f"output_dir={out}",
-            "model.init_from=null", "optim.max_steps=3", "optim.warmup_ratio=0", "optim.lr=1e-2",
-            "optim.projector_lr=1e-3", "batch.grad_accum=2", *LORA, *extra]
-
-
-def zero3_run(data, out, timeout=LAUNCH_TIMEOUT):
-    command = H.train_command("tiny_stage2.yaml", overrides(
-        data, out, "batch.per_device_batch_size=1", f"deepspeed={H.DEEPSPEED / 'zero3.json'}", "save_steps=2"),
-        processes=2)
-    return H.launch(command, H.env_for(data), timeout)
+    return H.comparison_overrides(data, out, "optim.lr=1e-2", "optim.projector_lr=1e-3", *LORA, *extra)
 
 
 @pytest.fixture(scope="module")
 def runs(data):
     root = data["root"]
-    reference = H.train_command("tiny_stage2.yaml", overrides(data, root / "single", "batch.per_device_batch_size=2"))
-    H.launch(reference, H.env_for(data), LAUNCH_TIMEOUT)
-    zero3_run(data, root / "zero3", timeout=FIRST_LAUNCH_TIMEOUT)
+    H.run_single(data, overrides(data, root / "single"))
+    H.run_zero(data, "zero3.json", overrides(data, root / "zero3", "save_steps=2"), timeout=H.FIRST_LAUNCH_TIMEOUT)
     shutil.copytree(root / "zero3" / "checkpoint-2", root / "zero3-resumed" / "checkpoint-2")
-    zero3_run(data, root / "zero3-resumed")
+    H.run_zero(data, "zero3.json", overrides(data, root / "zero3-resumed", "save_steps=2"))
     return {name: root / name for name in ("single", "zero3", "zero3-resumed")}
 
 
 def test_losses_match_one_process(runs):
-    single, zero = H.metrics(runs["single"]), H.metrics(runs["zero3"])
-    assert [r["step"] for r in zero] == [1, 2, 3]
-    for a, b in zip(single, zero):
-        assert b["loss"] == pytest.approx(a["loss"], rel=1e-4)
-        assert b["grad_norm"] == pytest.approx(a["grad_norm"], rel=1e-4)
-        assert b["lr"] == pytest.approx(a["lr"])
-    assert zero[-1]["loss"] < zero[0]["loss"]
+    H.assert_same_steps(runs["single"], runs["zero3"])
 
 
 def test_merged_folder_is_the_plain_one_process_model(data, runs):
