@@ -19,7 +19,7 @@
 #                               HF_HUB_OFFLINE / HF_DATASETS_OFFLINE are set
 #   MLCD_VL_EVAL_MODEL_ARGS     extra model_args, e.g. "dtype=float16,repetition_penalty=checkpoint"
 #   MLCD_VL_EVAL_EXTRA          extra lmms-eval arguments, e.g. "--limit 20 --gen_kwargs max_new_tokens=8"
-#   PYTHON                      interpreter (default: the repository's .venv if present, else python)
+#   PYTHON                      interpreter (default: $MLCD_VL_VENV or the repository's .venv if present, else python)
 #   MAIN_PROCESS_PORT           accelerate's port for NUM_GPUS>1 (default 29512)
 #
 # lmms-eval exits 0 even when a run fails; this script checks that it wrote a results file holding every metric
@@ -36,7 +36,8 @@ NUM_GPUS="${3:-1}"
 BATCH_SIZE="${4:-1}"
 OUTPUT_DIR="${5:-eval_out/$(basename "$MODEL")-$(date +%Y%m%d-%H%M%S)}"
 if [[ -z "${PYTHON:-}" ]]; then
-  if [[ -x "$REPO/.venv/bin/python" ]]; then PYTHON="$REPO/.venv/bin/python"; else PYTHON=python; fi
+  VENV=${MLCD_VL_VENV:-$REPO/.venv}
+  if [[ -x "$VENV/bin/python" ]]; then PYTHON="$VENV/bin/python"; else PYTHON=python; fi
 fi
 
 fail() { echo "eval.sh: FAILED: $*" >&2; exit 1; }

@@ -6,7 +6,7 @@
 #   NUM_GPUS=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=29500
 #   RECIPE       the recipe YAML (default: the script's MLCD bigG-448 recipe)
 #   HOSTFILE     when set, launch with `deepspeed --hostfile HOSTFILE` instead of torchrun
-#   PYTHON       interpreter (default: the repository's .venv if present, else python)
+#   PYTHON       interpreter (default: $MLCD_VL_VENV or the repository's .venv if present, else python)
 # Arguments are recipe overrides (section.key=value), passed through, e.g. data.train=... optim.max_steps=10.
 # The effective global batch (per device x GPUs x nodes x accumulation, from the resolved recipe) is printed
 # first; a recipe with batch.global_batch_size that does not fit the launch stops here.
@@ -17,7 +17,8 @@ NUM_GPUS=${NUM_GPUS:-8} NNODES=${NNODES:-1} NODE_RANK=${NODE_RANK:-0}
 MASTER_ADDR=${MASTER_ADDR:-localhost} MASTER_PORT=${MASTER_PORT:-29500}
 RECIPE=${RECIPE:-${DEFAULT_RECIPE:?set RECIPE}}
 if [[ -z ${PYTHON:-} ]]; then
-  if [[ -x .venv/bin/python ]]; then PYTHON=.venv/bin/python; else PYTHON=python; fi
+  VENV=${MLCD_VL_VENV:-.venv}
+  if [[ -x $VENV/bin/python ]]; then PYTHON=$VENV/bin/python; else PYTHON=python; fi
 fi
 export PYTHONPATH="$(pwd)${PYTHONPATH:+:$PYTHONPATH}" TOKENIZERS_PARALLELISM=${TOKENIZERS_PARALLELISM:-false}
 if command -v nvidia-smi >/dev/null 2>&1; then

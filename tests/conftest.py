@@ -1,4 +1,5 @@
-"""Shared fixtures: the upstream parity vectors (read through their manifest) and a quiet, deterministic torch."""
+"""Shared fixtures: the upstream parity vectors (tests/fixtures/upstream, read through their manifest) and a quiet,
+deterministic torch."""
 
 from __future__ import annotations
 
@@ -12,24 +13,18 @@ import torch
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
-def _vectors_dir() -> Path | None:
-    env = os.environ.get("MLCD_VL_VECTORS")
-    candidates = [Path(env)] if env else []
-    candidates.append(REPO_ROOT.parent / "shared" / "upstream-vectors")
-    for candidate in candidates:
-        if (candidate / "manifest.json").is_file():
-            return candidate
-    return None
+BUNDLED_VECTORS = REPO_ROOT / "tests" / "fixtures" / "upstream"
 
 
 @pytest.fixture(scope="session")
 def vectors_dir() -> Path:
-    """The upstream reference vectors; tests that need them fail loudly in CI if they are missing."""
-    found = _vectors_dir()
-    if found is None:
-        if os.environ.get("CI"):
-            pytest.fail("upstream vectors not found: set MLCD_VL_VECTORS or place shared/ beside the repository")
-        pytest.skip("upstream vectors not available")
+    """The upstream reference vectors: the copy in tests/fixtures/upstream, or another set (e.g. a held-out one)
+    named by MLCD_VL_VECTORS. Missing vectors fail the tests that need them; they never skip silently."""
+    env = os.environ.get("MLCD_VL_VECTORS")
+    found = Path(env).expanduser() if env else BUNDLED_VECTORS
+    if not (found / "manifest.json").is_file():
+        pytest.fail(f"upstream vectors not found: {found}/manifest.json"
+                    + (" (MLCD_VL_VECTORS)" if env else " (the repository's own copy is missing)"))
     return found
 
 
