@@ -101,15 +101,11 @@ def build_small_vlm(root: Path, shapes=None, seed: int = 0):
     """(model, tokenizer, settings): the anyres + spatial_unpad composite over the tiny assets at `shapes`, with
     upstream's 5-pinpoint grid at the tower's crop size. Float32, eval mode off (training)."""
     from mlcd_vl.model import tiny
-    from mlcd_vl.model.build import VLMSpec, build_vlm
+    from mlcd_vl.model.build import build_vlm
 
     shapes = shapes or small_shapes()
     assets = tiny.write_tiny_assets(root / "assets", corpus=corpus(), shapes=shapes, seed=seed)
-    s = shapes.image_size
-    spec = VLMSpec(llm=str(assets["llm"]), tower=str(assets["tower"]), image_mode="anyres",
-                   merge_type="spatial_unpad", pinpoints=[(s, 2 * s), (2 * s, s), (2 * s, 2 * s), (3 * s, s),
-                                                          (s, 3 * s)], seed=seed)
-    return build_vlm(spec)
+    return build_vlm(tiny.tiny_spec(assets, shapes=shapes, seed=seed))
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -26,9 +26,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common  # bench/ is on sys.path: the script's own folder
 
 SIZES = [(640, 480), (1024, 768), (1920, 1080), (800, 1200)]
 TARGET = 15.0

@@ -13,7 +13,6 @@ generate), not a real model.
 from __future__ import annotations
 
 import argparse
-import datetime
 import os
 import platform
 import sys
@@ -21,27 +20,16 @@ import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
+import common  # bench/ is on sys.path: the script's own folder
 import torch  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.utils import load_yaml_config  # noqa: E402
 
-from mlcd_vl.demo import tiny_pinpoints  # noqa: E402
 from mlcd_vl.eval import BENCHMARKS, write_task_dir  # noqa: E402
 from mlcd_vl.eval.lmms_adapter import MLCDLlava  # noqa: E402
 from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
-from mlcd_vl.model import tiny  # noqa: E402
-from mlcd_vl.model.build import VLMSpec, build_vlm  # noqa: E402
-from mlcd_vl.model.checkpoint import save_vlm  # noqa: E402
-
-
-def machine_name() -> str:
-    if torch.cuda.is_available():
-        return "gpu-" + torch.cuda.get_device_name(0).lower().replace(" ", "-")
-    return f"cpu-{os.cpu_count()}core"
+from mlcd_vl.model.tiny import build_tiny_vlm  # noqa: E402
 
 
 def requests(root: Path, items: int, max_new_tokens: int) -> tuple[list[Instance], dict]:
@@ -76,21 +64,18 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--items", type=int, default=8, help="documents per benchmark (default 8)")
     parser.add_argument("--max-new-tokens", type=int, default=32, help="cap on each task's max_new_tokens")
-    parser.add_argument("--out", default=str(REPO / "bench" / "results"))
+    parser.add_argument("--out", default=str(common.RESULTS))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp)
-        assets = tiny.write_tiny_assets(root / "assets")
-        spec = VLMSpec(llm=str(assets["llm"]), tower=str(assets["tower"]), image_mode="anyres",
-                       merge_type="spatial_unpad", pinpoints=tiny_pinpoints(tiny.TinyShapes().image_size))
-        save_vlm(*build_vlm(spec), root / "model")
+        model = build_tiny_vlm(root)
         instances, task_dict = requests(root, args.items, args.max_new_tokens)
-        adapter = MLCDLlava(pretrained=str(root / "model"))
+        adapter = MLCDLlava(pretrained=str(model))
         adapter.task_dict = task_dict
         timed(adapter, 8, instances[:8])  # warm-up
         rows = {size: timed(adapter, size, instances) for size in (1, 8)}
     same = rows[1][1] == rows[8][1]
-    machine, today = machine_name(), datetime.date.today().isoformat()
+    machine, today = common.machine_name(), common.today()
     lines = [f"# Eval adapter throughput: {machine}, {today}", "",
              f"`python bench/eval_throughput.py --items {args.items} --max-new-tokens {args.max_new_tokens}`: tiny "
              f"random model ({'cuda' if torch.cuda.is_available() else 'cpu'}, {torch.get_num_threads()} torch "
@@ -104,12 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     lines += ["", f"Greedy answers at batch 8 identical to batch 1: **{'yes' if same else 'NO'}** "
                   f"({sum(a == b for a, b in zip(rows[1][1], rows[8][1]))} of {len(instances)} equal).",
               f"Speed-up batch 8 over batch 1: {rows[1][0] / rows[8][0]:.2f}x."]
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"eval_throughput_{machine}_{today}.md"
-    path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {path}")
+    common.write_result(common.result_path(args.out, "eval_throughput", machine), lines)
     return 0 if same else 1
 
 

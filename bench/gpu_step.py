@@ -39,11 +39,8 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common  # bench/ is on sys.path: the script's own folder
 
 REAL = dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, vocab=151936, tower_hidden=1024,
             tower_layers=24, tower_heads=16, tower_intermediate=4096, image_size=336, patch_size=14)

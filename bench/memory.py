@@ -29,9 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common  # bench/ is on sys.path: the script's own folder
 
 LAYOUTS = ("padded", "packed", "packed_mask")
 

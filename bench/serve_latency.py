@@ -22,7 +22,6 @@ import base64
 import datetime
 import os
 import platform
-import re
 import socket
 import statistics
 import sys
@@ -33,7 +32,9 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+import common  # bench/ is on sys.path: the script's own folder
+
+RESULTS = common.RESULTS
 
 
 @dataclass
@@ -56,16 +57,6 @@ class LoadTiming:
         return self.completion_tokens / self.wall_s
 
 
-def machine_name() -> str:
-    import torch
-
-    if torch.cuda.is_available():
-        name = torch.cuda.get_device_name(0)
-    else:
-        name = f"cpu-{os.cpu_count()}core"
-    return re.sub(r"[^a-z0-9]+", "-", name.lower()).strip("-")
-
-
 def start_server(engine, name: str, max_batch_size: int):
     """uvicorn in a daemon thread; returns (base_url, server)."""
     import uvicorn
@@ -85,7 +76,7 @@ def start_server(engine, name: str, max_batch_size: int):
 
 
 def messages_about_demo_image(question: str) -> list[dict]:
-    from mlcd_vl.demo import DEMO_IMAGE
+    from mlcd_vl.assets import DEMO_IMAGE
 
     url = "data:image/png;base64," + base64.b64encode(DEMO_IMAGE.read_bytes()).decode()
     return [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
@@ -150,7 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mlcd_vl.demo import build_tiny_model
+    from mlcd_vl.model.tiny import build_tiny_vlm
     from mlcd_vl.serve.engine import Engine
 
     hf_logging.disable_progress_bar()
@@ -159,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(args.threads)
     load_before = os.getloadavg()[0]
     with tempfile.TemporaryDirectory() as scratch:
-        folder = args.model or build_tiny_model(Path(scratch))
+        folder = args.model or build_tiny_vlm(Path(scratch))
         engine = Engine.from_pretrained(folder, device=args.device)
         name = "bench"
         base, server = start_server(engine, name, max_batch_size=args.concurrency)
@@ -171,9 +162,9 @@ def main(argv: list[str] | None = None) -> int:
         sequential = time_load(client, base, name, batch, args.max_tokens, concurrent=False)
         concurrent = time_load(client, base, name, batch, args.max_tokens, concurrent=True)
         server.should_exit = True
-        model_label = "tiny (random weights, built by mlcd_vl.demo)" if args.model is None else str(args.model)
+        model_label = "tiny (random weights, built by mlcd_vl.model.tiny)" if args.model is None else str(args.model)
 
-    machine = machine_name()
+    machine = common.machine_name()
     ttft = statistics.median(s.ttft_s for s in streams)
     decode = statistics.median(s.decode_tokens_per_s for s in streams)
     lines = [

@@ -76,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     import torch
     from transformers.utils import logging as hf_logging
 
-    from mlcd_vl.demo import DEMO_IMAGE, build_tiny_model
+    from mlcd_vl.assets import DEMO_IMAGE
+    from mlcd_vl.model.tiny import build_tiny_vlm
     from mlcd_vl.serve.engine import Engine, Request
 
     hf_logging.disable_progress_bar()
@@ -85,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     threads = [int(t) for t in args.threads.split(",")]
     initial_threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as scratch:
-        engine = Engine.from_pretrained(args.model or build_tiny_model(Path(scratch)), device="cpu")
+        engine = Engine.from_pretrained(args.model or build_tiny_vlm(Path(scratch)), device="cpu")
         prompts = [engine.prepare(Request([{"role": "user", "content": f"<image>\nQuestion {i}: what is in this "
                                                                       "picture?"}], [DEMO_IMAGE])) for i in range(8)]
         table = {count: measures(engine, prompts, args.max_tokens) for count in threads}

@@ -37,9 +37,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common  # bench/ is on sys.path: the script's own folder
 
 MODES = ("padded", "grouped", "packed", "packed_mask")
 PACKED = ("packed", "packed_mask")

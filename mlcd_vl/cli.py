@@ -11,7 +11,7 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "demo": ("mlcd_vl.demo", "train, evaluate and chat with a tiny model on the CPU, end to end (no downloads)"),
+    "demo": ("mlcd_vl.demo.run", "train, evaluate and chat with a tiny model on the CPU, end to end (no downloads)"),
     "build": ("mlcd_vl.model.build_command", "compose a fresh VLM from an LLM and a vision tower"),
     "convert": ("mlcd_vl.model.convert", "convert upstream LLaVA checkpoints to HF-native folders and back"),
     "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),

@@ -38,20 +38,24 @@ class LLMPreset:
     hidden_size: int
 
 
-def _grid(size: int) -> Pinpoints:
-    """The 5-pinpoint LLaVA-NeXT grid upstream's scripts use: 1x2, 2x1, 2x2, 3x1, 1x3 crops (no 1x1)."""
+def upstream_grid(size: int) -> Pinpoints:
+    """The 5-pinpoint LLaVA-NeXT grid upstream's scripts use at crop size `size`: 1x2, 2x1, 2x2, 3x1, 1x3 crops
+    (no 1x1), as (width, height). The presets, the tiny model and the benches all take their grid from here."""
     return [(size, 2 * size), (2 * size, size), (2 * size, 2 * size), (3 * size, size), (size, 3 * size)]
 
 
 TOWERS: dict[str, TowerPreset] = {
     preset.name: preset
     for preset in (
-        TowerPreset("mlcd-bigG-448", "DeepGlint-AI/mlcd-vit-bigG-patch14-448", "mlcd", 448, 14, 1664, _grid(448)),
-        TowerPreset("mlcd-bigG-336", "DeepGlint-AI/mlcd-vit-bigG-patch14-336", "mlcd", 336, 14, 1664, _grid(336)),
-        TowerPreset("mlcd-vitL-336", "DeepGlint-AI/mlcd-vit-large-patch14-336", "clip", 336, 14, 1024, _grid(336)),
-        TowerPreset("clip-vitL-336", "openai/clip-vit-large-patch14-336", "clip", 336, 14, 1024, _grid(336)),
-        TowerPreset("siglip-so400m-384", "google/siglip-so400m-patch14-384", "siglip", 384, 14, 1152, _grid(384),
-                    select_strategy="full"),
+        TowerPreset("mlcd-bigG-448", "DeepGlint-AI/mlcd-vit-bigG-patch14-448", "mlcd", 448, 14, 1664,
+                    upstream_grid(448)),
+        TowerPreset("mlcd-bigG-336", "DeepGlint-AI/mlcd-vit-bigG-patch14-336", "mlcd", 336, 14, 1664,
+                    upstream_grid(336)),
+        TowerPreset("mlcd-vitL-336", "DeepGlint-AI/mlcd-vit-large-patch14-336", "clip", 336, 14, 1024,
+                    upstream_grid(336)),
+        TowerPreset("clip-vitL-336", "openai/clip-vit-large-patch14-336", "clip", 336, 14, 1024, upstream_grid(336)),
+        TowerPreset("siglip-so400m-384", "google/siglip-so400m-patch14-384", "siglip", 384, 14, 1152,
+                    upstream_grid(384), select_strategy="full"),
     )
 }
 

@@ -55,11 +55,20 @@ def tmp_root(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def tiny_serve_model(tmp_path_factory) -> Path:
-    """The demo's tiny anyres model (random weights) as an HF-native folder, built once for all serving tests."""
-    from mlcd_vl.demo import build_tiny_model
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """The tiny preset's LLM and MLCD tower folders (`model.tiny`, random weights), written once per session."""
+    from mlcd_vl.model.tiny import write_tiny_assets
 
-    root = tmp_path_factory.getbasetemp() / "serve-tiny"
+    return write_tiny_assets(tmp_path_factory.getbasetemp() / "tiny-assets")
+
+
+@pytest.fixture(scope="session")
+def tiny_vlm(tmp_path_factory) -> Path:
+    """The untrained tiny anyres model (`model.tiny.build_tiny_vlm`) as an HF-native folder, built once per
+    session; tests that change it copy it first."""
+    from mlcd_vl.model.tiny import build_tiny_vlm
+
+    root = tmp_path_factory.getbasetemp() / "tiny-vlm"
     if not (root / "model" / "config.json").is_file():
-        build_tiny_model(root)
+        build_tiny_vlm(root)
     return root / "model"

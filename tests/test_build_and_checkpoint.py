@@ -13,13 +13,13 @@ from transformers import (AutoImageProcessor, AutoModelForImageTextToText, AutoP
                           LlavaOnevisionForConditionalGeneration)
 
 from mlcd_vl import presets
-from mlcd_vl.demo import DEMO_IMAGE, tiny_pinpoints
+from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.model import multimodal, pixels, tiny
 from mlcd_vl.model.build import VLMSpec, build_vlm
 from mlcd_vl.model.checkpoint import CheckpointError, load_vlm, read_settings, save_vlm
 
 SHAPES = tiny.TinyShapes()
-GRID = tiny_pinpoints(SHAPES.image_size)
+GRID = presets.upstream_grid(SHAPES.image_size)
 MODES = {
     "llava": ("square", "flat", LlavaForConditionalGeneration),
     "llava_next": ("anyres", "spatial_unpad", LlavaNextForConditionalGeneration),
@@ -30,8 +30,8 @@ CHATML = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_star
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny.write_tiny_assets(tmp_path_factory.mktemp("tiny-assets"))
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def build(assets, model_type: str, tower: str = "tower"):

@@ -8,7 +8,6 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from mlcd_vl.demo import build_tiny_model
 from mlcd_vl.model.checkpoint import MAX_LISTED_KEYS, CheckpointError, describe_weight_mismatch, load_vlm
 
 RESHAPED = "multi_modal_projector.linear_2.weight"  # names as stored in the file (transformers' legacy layout)
@@ -17,8 +16,8 @@ ADDED = "vision_tower.extra_scale.weight"
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory):
-    return build_tiny_model(tmp_path_factory.mktemp("tiny-checkpoint"))
+def folder(tiny_vlm):
+    return tiny_vlm
 
 
 def test_clean_folder_loads(folder):

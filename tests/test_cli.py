@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from mlcd_vl import cli
-from mlcd_vl.demo import DEMO_IMAGE
+from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.model import build_command
 from mlcd_vl.serve import ask
 

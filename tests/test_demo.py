@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mlcd_vl.playground.generate import ANSWERS, SKILLS, chance, write_playground
+from mlcd_vl.demo.playground import ANSWERS, SKILLS, chance, write_playground
 
 REPO = Path(__file__).resolve().parents[1]
 

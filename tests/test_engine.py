@@ -12,9 +12,9 @@ from PIL import Image, ImageDraw
 from transformers import GenerationConfig
 
 from mlcd_vl.data.templates import get_template, normalize_messages
-from mlcd_vl.demo import DEMO_IMAGE, tiny_pinpoints
+from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.model import multimodal, tiny
-from mlcd_vl.model.build import VLMSpec, build_vlm
+from mlcd_vl.model.build import build_vlm
 from mlcd_vl.model.checkpoint import save_vlm
 from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Request
 
@@ -23,15 +23,12 @@ MODES = {"anyres": ("anyres", "spatial_unpad"), "square": ("square", "flat"),
 
 
 @pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return tiny.write_tiny_assets(tmp_path_factory.mktemp("tiny-assets"))
+def assets(tiny_assets):
+    return tiny_assets
 
 
 def _engine(assets, mode: str) -> Engine:
-    image_mode, merge = MODES[mode]
-    spec = VLMSpec(llm=str(assets["llm"]), tower=str(assets["tower"]), image_mode=image_mode, merge_type=merge,
-                   pinpoints=tiny_pinpoints(tiny.TinyShapes().image_size) if merge != "flat" else None)
-    model, tokenizer, settings = build_vlm(spec)
+    model, tokenizer, settings = build_vlm(tiny.tiny_spec(assets, *MODES[mode]))
     return Engine(model, tokenizer, settings)
 
 

@@ -15,12 +15,11 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.tasks.chartqa import utils as chartqa_utils  # noqa: E402
 from lmms_eval.tasks.mmmu import utils as mmmu_utils  # noqa: E402
 
-from mlcd_vl.demo import tiny_pinpoints  # noqa: E402
 from mlcd_vl.eval import effective_generation, register_lmms_model  # noqa: E402
 from mlcd_vl.eval.lmms_adapter import MLCDLlava, build_question, plan_batches  # noqa: E402
 from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
 from mlcd_vl.model import tiny  # noqa: E402
-from mlcd_vl.model.build import VLMSpec, build_vlm  # noqa: E402
+from mlcd_vl.model.build import build_vlm  # noqa: E402
 from mlcd_vl.model.checkpoint import save_vlm  # noqa: E402
 from mlcd_vl.serve.engine import GenerationSettings  # noqa: E402
 
@@ -35,9 +34,7 @@ MMMU_PROMPTS = {"prompt_type": "format", "multiple_choice_prompt": "Answer with 
 def workdir(tmp_path_factory):
     root = tmp_path_factory.mktemp("eval-adapter")
     assets = tiny.write_tiny_assets(root / "assets")
-    spec = VLMSpec(llm=str(assets["llm"]), tower=str(assets["tower"]), image_mode="anyres",
-                   merge_type="spatial_unpad", pinpoints=tiny_pinpoints(tiny.TinyShapes().image_size))
-    model, tokenizer, settings = build_vlm(spec)
+    model, tokenizer, settings = build_vlm(tiny.tiny_spec(assets))
     model.generation_config.repetition_penalty = 1.5  # must not leak into evaluation
     save_vlm(model, tokenizer, settings, root / "model")
     data = make_synthetic(root / "data", items=8, stems=["chartqa", "mmmu_val"])

@@ -14,12 +14,9 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from mlcd_vl.demo import tiny_pinpoints  # noqa: E402
 from mlcd_vl.eval import BENCHMARKS, write_task_dir  # noqa: E402
 from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
-from mlcd_vl.model import tiny  # noqa: E402
-from mlcd_vl.model.build import VLMSpec, build_vlm  # noqa: E402
-from mlcd_vl.model.checkpoint import save_vlm  # noqa: E402
+from mlcd_vl.model.tiny import build_tiny_vlm  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL_TASKS = [b.local_task for b in BENCHMARKS]
@@ -39,11 +36,7 @@ def _env(root: Path, **extra) -> dict:
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     root = tmp_path_factory.mktemp("lmms-run")
-    assets = tiny.write_tiny_assets(root / "assets")
-    spec = VLMSpec(llm=str(assets["llm"]), tower=str(assets["tower"]), image_mode="anyres",
-                   merge_type="spatial_unpad", pinpoints=tiny_pinpoints(tiny.TinyShapes().image_size))
-    model, tokenizer, settings = build_vlm(spec)
-    save_vlm(model, tokenizer, settings, root / "model")
+    build_tiny_vlm(root)
     make_synthetic(root / "data", items=4)
     return root
 

@@ -23,7 +23,7 @@ from PIL import Image
 openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
-from mlcd_vl.demo import DEMO_IMAGE  # noqa: E402
+from mlcd_vl.assets import DEMO_IMAGE  # noqa: E402
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
 
 NAME = "tiny-vlm"
@@ -46,8 +46,8 @@ def data_url(image: Image.Image | bytes, kind: str = "png") -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_serve_model) -> Path:
-    return tiny_serve_model
+def model_dir(tiny_vlm) -> Path:
+    return tiny_vlm
 
 
 @pytest.fixture(scope="module")

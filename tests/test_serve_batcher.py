@@ -14,7 +14,7 @@ import pytest
 httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 
-from mlcd_vl.demo import DEMO_IMAGE  # noqa: E402
+from mlcd_vl.assets import DEMO_IMAGE  # noqa: E402
 from mlcd_vl.serve.api import ServerOptions, create_app  # noqa: E402
 from mlcd_vl.serve.api_schema import APIError  # noqa: E402
 from mlcd_vl.serve.batcher import Batcher, BatcherOptions, Job, cut_to_limit  # noqa: E402
@@ -25,8 +25,8 @@ from mlcd_vl.serve.intake import image_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_serve_model) -> Engine:
-    return Engine.from_pretrained(tiny_serve_model, device="cpu")
+def engine(tiny_vlm) -> Engine:
+    return Engine.from_pretrained(tiny_vlm, device="cpu")
 
 
 class ImageHandler(http.server.BaseHTTPRequestHandler):

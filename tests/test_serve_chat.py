@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
-from mlcd_vl.demo import DEMO_IMAGE
+from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.serve import cli_chat
 from mlcd_vl.serve.cli_chat import Conversation
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
@@ -21,8 +21,8 @@ from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_serve_model) -> Path:
-    return tiny_serve_model
+def model_dir(tiny_vlm) -> Path:
+    return tiny_vlm
 
 
 def run_chat(model_dir: Path, script: str, *flags: str) -> subprocess.CompletedProcess:

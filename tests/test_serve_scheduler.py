@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 
-from mlcd_vl.demo import DEMO_IMAGE
+from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.serve.batcher import Batcher, BatcherOptions, ContextLengthError, Job
 from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Request, Result
 from mlcd_vl.serve.running_batch import RunningBatch
@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(300)  # a scheduling bug must fail a test, neve
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_serve_model) -> Engine:
-    return Engine.from_pretrained(tiny_serve_model, device="cpu")
+def engine(tiny_vlm) -> Engine:
+    return Engine.from_pretrained(tiny_vlm, device="cpu")
 
 
 def picture(width: int, height: int, colour: str) -> Image.Image:

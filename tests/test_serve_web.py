@@ -18,7 +18,7 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas calls
 
-from mlcd_vl.demo import DEMO_IMAGE, DEMO_QUESTION  # noqa: E402
+from mlcd_vl.assets import DEMO_IMAGE, DEMO_QUESTION  # noqa: E402
 from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
 from mlcd_vl.serve.web import build_demo, make_responder, to_request  # noqa: E402
 
@@ -29,8 +29,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_serve_model) -> Engine:
-    return Engine.from_pretrained(tiny_serve_model, device="cpu")
+def engine(tiny_vlm) -> Engine:
+    return Engine.from_pretrained(tiny_vlm, device="cpu")
 
 
 def chromium_or_skip() -> str:

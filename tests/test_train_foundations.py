@@ -15,6 +15,7 @@ import pytest
 import torch
 import yaml
 
+from mlcd_vl import presets
 from mlcd_vl.model.build import VLMSpec, build_vlm
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.varlen import VARLEN_ATTENTION, composite_attention
@@ -26,15 +27,13 @@ from mlcd_vl.train.step import (BatchError, TrainBatch, TrainingForward, block_c
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "recipes"
-TINY_PINPOINTS = [(56, 112), (112, 56), (112, 112), (168, 56), (56, 168)]
+TINY_PINPOINTS = presets.upstream_grid(56)
 PROJECTOR_NAMES = {f"model.multi_modal_projector.{k}" for k in optim.PROJECTOR_KEYS}
 
 
 @pytest.fixture(scope="module")
-def tiny_paths(tmp_path_factory) -> dict:
-    from mlcd_vl.model import tiny
-
-    return tiny.write_tiny_assets(tmp_path_factory.mktemp("tiny"))
+def tiny_paths(tiny_assets) -> dict:
+    return tiny_assets
 
 
 def build(tiny_paths, stage: int):

@@ -103,7 +103,6 @@ def build(args: argparse.Namespace) -> Path:
 
     with tempfile.TemporaryDirectory(prefix="mlcd-vl-tiny-") as scratch:
         if args.tiny:
-            from mlcd_vl.demo import tiny_pinpoints
             from mlcd_vl.model import tiny
 
             if args.llm or args.tower:
@@ -111,7 +110,7 @@ def build(args: argparse.Namespace) -> Path:
             paths = tiny.write_tiny_assets(scratch, tower_kind=args.tiny_tower)
             llm, tower = str(paths["llm"]), str(paths["tower"])
             if pinpoints is None and anyres.is_anyres(args.image_mode):
-                pinpoints = tiny_pinpoints(tiny.TinyShapes().image_size)
+                pinpoints = presets.upstream_grid(tiny.TinyShapes().image_size)
         else:
             llm, tower = args.llm or presets.DEFAULT_LLM, args.tower or presets.DEFAULT_TOWER
             check_source(llm, "llm")

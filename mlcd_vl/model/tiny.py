@@ -7,6 +7,10 @@ serve) is exercised exactly as with `Qwen/Qwen2.5-7B-Instruct` and `DeepGlint-AI
   trained on a corpus the caller gives (default: a built-in English corpus about colours, shapes and numbers);
 - a Qwen2ForCausalLM of a few layers;
 - an MLCD-style RoPE2D tower (`MLCDVisionModel`) or a CLIP-format tower, with a CLIP image-processor config.
+
+`tiny_spec` composes them as a VLM over upstream's five-crop grid at the tiny crop size (`presets.upstream_grid`),
+and `build_tiny_vlm` saves that untrained anyres model as an HF-native folder: what `mlcd-vl build --tiny`, the
+tests (through `tests/conftest.py`) and the benches use.
 """
 
 from __future__ import annotations
@@ -20,7 +24,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_toke
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GenerationConfig, MLCDVisionConfig,
                           MLCDVisionModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
 
+from mlcd_vl.model.build import VLMSpec, build_vlm
 from mlcd_vl.model.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+from mlcd_vl.presets import upstream_grid
 
 # Qwen2's pre-tokenizer pattern: contractions, letters, single digits, punctuation runs, whitespace.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -141,3 +147,20 @@ def write_tiny_assets(root: str | Path, *, corpus: list[str] | None = None, shap
     write_tiny_tower(tower_dir, tower_kind, shapes, seed + 1)
     stamp_file.write_text(json.dumps(stamp))
     return {"llm": llm_dir, "tower": tower_dir}
+
+
+def tiny_spec(assets: dict[str, Path], image_mode: str = "anyres", merge_type: str = "spatial_unpad",
+              shapes: TinyShapes = TinyShapes(), **spec) -> VLMSpec:
+    """The VLM over tiny assets; anyres modes get upstream's five-crop grid at the tiny crop size."""
+    pinpoints = upstream_grid(shapes.image_size) if merge_type != "flat" else None
+    return VLMSpec(llm=str(assets["llm"]), tower=str(assets["tower"]), image_mode=image_mode, merge_type=merge_type,
+                   pinpoints=pinpoints, **spec)
+
+
+def build_tiny_vlm(root: str | Path) -> Path:
+    """Write the tiny assets under `root`, compose the untrained anyres VLM and save it to `root/model`."""
+    from mlcd_vl.model.checkpoint import save_vlm
+
+    root = Path(root)
+    model, tokenizer, settings = build_vlm(tiny_spec(write_tiny_assets(root / "assets")))
+    return save_vlm(model, tokenizer, settings, root / "model")

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
 
-from mlcd_vl.demo import DEMO_IMAGE, DEMO_QUESTION
+from mlcd_vl.assets import DEMO_IMAGE, DEMO_QUESTION
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff")
 

@@ -1,6 +1,7 @@
 """Seeded synthetic data for the CPU demo, in the formats the real pipeline reads.
 
     write_playground(out, train_images=2400, heldout_per_skill=60, seed=0) -> PlaygroundData
+    python -m mlcd_vl.demo.playground OUT [--train-images 2400] [--heldout-per-skill 60] [--seed 0]
 
 Layout under `out`:
 
@@ -28,6 +29,7 @@ redrawn, so none of them appears in training.
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import json
 import random
@@ -294,3 +296,22 @@ def write_playground(out: str | Path, train_images: int = 2400, heldout_per_skil
              "heldout_json": paths.heldout_json.name, "heldout": {s: f"heldout/{p.name}" for s, p in heldout.items()}}
     (out / "playground.json").write_text(json.dumps({**info, "files": files}, indent=2) + "\n")
     return paths
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="python -m mlcd_vl.demo.playground",
+                                     description="Write the demo's synthetic data (training + held-out).")
+    parser.add_argument("out", help="output folder")
+    parser.add_argument("--train-images", type=int, default=2400)
+    parser.add_argument("--heldout-per-skill", type=int, default=60)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    data = write_playground(args.out, train_images=args.train_images, heldout_per_skill=args.heldout_per_skill,
+                            seed=args.seed, progress=True)
+    print(f"stage 1: {data.captions}\nstage 2: {data.chat}\nimages:  {data.images}")
+    for skill, path in data.heldout.items():
+        print(f"held-out {skill}: {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -8,10 +8,9 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import TYPE_CHECKING
 
-if TYPE_CHECKING:
-    from mlcd_vl.demo import DemoPlan
+from mlcd_vl.demo.plan import DemoPlan
+from mlcd_vl.demo.playground import chance
 
 
 class Timer:
@@ -39,8 +38,6 @@ class Timer:
 
 def results_table(scores: dict[str, dict]) -> str:
     """Held-out accuracy per skill next to chance, as a Markdown table."""
-    from mlcd_vl.playground.generate import chance
-
     lines = ["| skill | held-out accuracy | chance | n | above chance |", "|---|---:|---:|---:|---|"]
     for skill, score in scores.items():
         margin = score["accuracy"] - chance(skill)

@@ -3,13 +3,13 @@
 Every stage is the one a GPU run goes through, at toy size (a 0.74M-parameter Qwen2 LLM with its own tokenizer, a
 0.19M-parameter MLCD RoPE2D tower, 0.95M in all; synthetic data):
 
-1. data: `mlcd_vl.playground.generate` draws seeded images (coloured shapes, counts, bar charts with values, words)
+1. data: `demo.playground` draws seeded images (coloured shapes, counts, bar charts with values, words)
    as LLaVA JSON + an image folder (stage-1 captions, stage-2 single/multi-turn Q&A) and a held-out split in the
    schema of lmms-eval's ChartQA, one parquet file per skill;
 2. model: the `tiny` preset (`model.tiny.write_tiny_assets`) at the demo's sizes, its tokenizer trained on the
    generated text;
 3. stage 1 (projector only, square images, plain template) and stage 2 (every part, anyres + spatial_unpad, the
-   Qwen chat template) with the recipes in `mlcd_vl/playground/recipes/`, launched as a GPU run is:
+   Qwen chat template) with the recipes in `mlcd_vl/demo/recipes/`, launched as a GPU run is:
    `NUM_GPUS=1 RECIPE=... scripts/pretrain.sh` / `scripts/finetune.sh` in a repository checkout (torchrun, one
    process), `python -m mlcd_vl.train RECIPE overrides` where there is no scripts/ folder (`--launcher`);
 4. lmms-eval 0.7.3 with the `mlcd_llava` adapter on the held-out sets, one task per skill (ChartQA's prompt,
@@ -18,8 +18,7 @@ Every stage is the one a GPU run goes through, at toy size (a 0.74M-parameter Qw
 6. `report.md` in the run folder linking the resolved configs, checkpoints, loss curves and results.
 
 `--quick` is a shortened run (the CI test's, 2-4 minutes); the default run takes 4.5-6.5 minutes on a busy 2-core
-machine (measured with other jobs running, load average 2-5). The helpers
-`build_tiny_model`, `tiny_pinpoints` and `DEMO_IMAGE` build the untrained tiny model that the tests share.
+machine (measured with other jobs running, load average 2-5).
 """
 
 from __future__ import annotations
@@ -28,48 +27,13 @@ import argparse
 import os
 import shutil
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 
-# The stages live in demo_stages.py, the report in demo_report.py; the picture and the untrained tiny model that
-# the tests share in demo_assets.py (re-exported here, where everything imports them from).
-from mlcd_vl.demo_assets import DEMO_IMAGE, DEMO_QUESTION, build_tiny_model, draw_demo_image, tiny_pinpoints
-from mlcd_vl.demo_report import Timer, results_table, write_report
-from mlcd_vl.demo_stages import REPO, chat, child_env, evaluate, train_stage
-
-__all__ = ["DEFAULT_WORKDIR", "DEMO_IMAGE", "DEMO_QUESTION", "PLANS", "DemoPlan", "build_tiny_model",
-           "configure_parser", "default_workdir", "demo_shapes", "draw_demo_image", "run", "tiny_pinpoints"]
+from mlcd_vl.demo.plan import PLANS, REQUIRED_SKILLS, DemoPlan, demo_shapes
+from mlcd_vl.demo.report import Timer, results_table, write_report
+from mlcd_vl.demo.stages import REPO, chat, child_env, evaluate, train_stage
 
 DEFAULT_WORKDIR = Path("runs") / "demo"
-REQUIRED_SKILLS = ("colour", "chart")  # what the demo promises to learn clearly above chance
-
-
-def default_workdir() -> Path:
-    return DEFAULT_WORKDIR
-
-
-@dataclass(frozen=True)
-class DemoPlan:
-    """Sizes of one demo run."""
-
-    train_images: int
-    heldout_per_skill: int
-    stage1_steps: int
-    stage2_steps: int
-    batch_size: int
-    eval_batch_size: int = 32
-
-
-PLANS = {"full": DemoPlan(train_images=2400, heldout_per_skill=60, stage1_steps=100, stage2_steps=800, batch_size=8),
-         "quick": DemoPlan(train_images=2400, heldout_per_skill=24, stage1_steps=50, stage2_steps=450, batch_size=8)}
-
-
-def demo_shapes():
-    """The demo's tiny model: a 3-layer, 128-wide Qwen2 LLM and a 3-layer, 64-wide MLCD tower (56-px crops)."""
-    from mlcd_vl.model.tiny import TinyShapes
-
-    return TinyShapes(llm_hidden=128, llm_layers=3, llm_heads=4, llm_kv_heads=2, llm_intermediate=384,
-                      tower_hidden=64, tower_layers=3, tower_heads=4, tower_intermediate=256)
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -96,8 +60,8 @@ def run(args: argparse.Namespace) -> int:
     """The six stages in order, each timed; the report at the end. Returns the exit status."""
     from transformers.utils import logging as hf_logging
 
+    from mlcd_vl.demo.playground import chance, write_playground
     from mlcd_vl.model import tiny
-    from mlcd_vl.playground.generate import chance, write_playground
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

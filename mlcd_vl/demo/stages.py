@@ -2,7 +2,7 @@
 held-out sets, and a chat through `serve.Engine`.
 
 Training and evaluation run as child processes (as a GPU run would launch them), their output streamed to the
-console and to a log in the run folder; `mlcd_vl.demo` sequences the stages.
+console and to a log in the run folder; `demo.run` sequences the stages.
 """
 
 from __future__ import annotations
@@ -14,7 +14,8 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
+RECIPES = Path(__file__).resolve().parent / "recipes"
 LMMS_TASK_PREFIX = "mlcd_demo_"
 
 
@@ -49,8 +50,6 @@ def run_logged(command: list[str], env: dict, log: Path, cwd: Path | None = None
 
 def train_stage(stage: int, workdir: Path, overrides: list[str], launcher: str, env: dict) -> Path:
     """One training stage through the recipe code path; returns its output folder."""
-    from mlcd_vl.playground import RECIPES
-
     recipe = RECIPES / f"demo_stage{stage}.yaml"
     out = workdir / f"stage{stage}"
     overrides = [*overrides, f"output_dir={out}"]
@@ -117,7 +116,7 @@ def chat(model: Path, data, threads: int) -> list[tuple[str, str]]:
     """Two turns about the first held-out colour image: colour, then shape (the engine keeps the conversation)."""
     import torch
 
-    from mlcd_vl.playground.generate import QUESTIONS, SHORT
+    from mlcd_vl.demo.playground import QUESTIONS, SHORT
     from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
 
     torch.set_num_threads(threads)
