@@ -86,7 +86,8 @@ def make_sample(spec: SampleSpec, index: int, settings, image_token_id: int, voc
     """A `data.samples.Sample` with random ids and pixels and exactly the visual tokens the model will produce."""
     import torch
 
-    from mlcd_vl.data.samples import IGNORE_INDEX, Sample
+    from mlcd_vl.data.samples import Sample
+    from mlcd_vl.vocab import IGNORE_INDEX
     from mlcd_vl.model import anyres
     from mlcd_vl.model.multimodal import ImageInput
 
@@ -190,7 +191,8 @@ def run_mode(mode: str, model, settings, shapes, plans: list[list], attn: str, d
     import torch
 
     from mlcd_vl.data.collate import PaddingCollator
-    from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS, PackingCollator
+    from mlcd_vl.data.packing import PackingCollator
+    from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS
     from mlcd_vl.model.pixels import dummy_pixels
     from mlcd_vl.model.varlen import composite_attention, text_attention
     from mlcd_vl.train.step import TrainBatch, forward_loss, plan_micro_batches

@@ -84,9 +84,9 @@ def child(root: Path, layout: str, budget: int, quick: bool, threads: int) -> di
             break
     if layout in ("packed", "packed_mask"):
         model.set_attn_implementation(composite_attention("sdpa", packing=layout == "packed"))
-        collated = PackingCollator.for_model(tokenizer, settings, build_4d_mask=layout == "packed_mask")(samples)
+        collated = PackingCollator.for_model(tokenizer, build_4d_mask=layout == "packed_mask")(samples)
     else:
-        collated = PaddingCollator.for_model(tokenizer, settings)(samples)
+        collated = PaddingCollator.for_model(tokenizer)(samples)
     batch = TrainBatch.from_collated(collated)
     mask = collated["attention_mask"]
     before_peak, before = peak_rss_mib(), current_rss_mib()

@@ -89,8 +89,8 @@ def collator_for(mode: str, tokenizer, settings):
     from mlcd_vl.data.packing import PackingCollator
 
     if mode in PACKED:
-        return PackingCollator.for_model(tokenizer, settings, build_4d_mask=mode == "packed_mask")
-    return PaddingCollator.for_model(tokenizer, settings)
+        return PackingCollator.for_model(tokenizer, build_4d_mask=mode == "packed_mask")
+    return PaddingCollator.for_model(tokenizer)
 
 
 def train_step(model, settings, optimizer, batch) -> tuple[float, int]:

@@ -63,7 +63,7 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
 
 
 @pytest.fixture(scope="session")
-def tiny_vlm(tmp_path_factory) -> Path:
+def tiny_vlm_dir(tmp_path_factory) -> Path:
     """The untrained tiny anyres model (`model.tiny.build_tiny_vlm`) as an HF-native folder, built once per
     session; tests that change it copy it first."""
     from mlcd_vl.model.tiny import build_tiny_vlm

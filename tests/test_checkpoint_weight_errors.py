@@ -16,8 +16,8 @@ ADDED = "vision_tower.extra_scale.weight"
 
 
 @pytest.fixture(scope="module")
-def folder(tiny_vlm):
-    return tiny_vlm
+def folder(tiny_vlm_dir):
+    return tiny_vlm_dir
 
 
 def test_clean_folder_loads(folder):

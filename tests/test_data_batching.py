@@ -18,6 +18,8 @@ from mlcd_vl.data.samplers import LengthGroupedBatchSampler, PackedBatchSampler
 from mlcd_vl.data.samples import DataConfig
 from mlcd_vl.data.sources import JsonRecords
 from mlcd_vl.model.multimodal import embed_inputs
+from mlcd_vl.model.pixels import dummy_pixels
+from mlcd_vl.train.loss import count_supervised
 
 
 @pytest.fixture(scope="module")
@@ -48,7 +50,7 @@ def table(dataset):
 
 def test_padding_collator(dataset):
     items = [dataset[i] for i in (0, 3, 1)]
-    batch = PaddingCollator.for_model(dataset.tokenizer, dataset.settings)(items)
+    batch = PaddingCollator.for_model(dataset.tokenizer)(items)
     width = max(s.length for s in items)
     assert batch["input_ids"].shape == (3, width)
     for row, sample in enumerate(items):
@@ -56,9 +58,9 @@ def test_padding_collator(dataset):
         assert (batch["labels"][row, sample.length:] == -100).all()
         assert batch["attention_mask"][row].sum() == sample.length
     assert batch["images"] == [image for s in items for image in s.images]  # prompt order
-    assert batch["dummy_crop"] is None
-    text_only = PaddingCollator.for_model(dataset.tokenizer, dataset.settings)([dataset[3]])
-    assert text_only["images"] == [] and text_only["dummy_crop"].shape == (1, 3, 56, 56)
+    text_only = PaddingCollator.for_model(dataset.tokenizer)([dataset[3]])
+    # a text-only batch carries no stand-in crop: the training forward runs this one through the tower itself
+    assert text_only["images"] == [] and dummy_pixels(dataset.settings.processor).shape == (1, 3, 56, 56)
 
 
 def test_first_fit_decreasing():
@@ -125,7 +127,7 @@ def test_packed_sampler_budget_and_shards(table):
 
 def test_packed_dataloader_with_workers(dataset, table):
     sampler = PackedBatchSampler(table.lengths, 800, seed=0)
-    collator = PackingCollator.for_model(dataset.tokenizer, dataset.settings, build_4d_mask=False)
+    collator = PackingCollator.for_model(dataset.tokenizer, build_4d_mask=False)
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, num_workers=2, collate_fn=collator)
     seen = []
     for batch in loader:
@@ -140,7 +142,7 @@ def test_packed_forward_equals_unpacked(tmp_path_factory, dataset, attn):
     model, tokenizer, settings = tiny_vlm(tmp_path_factory.mktemp("vlm"), attn=composite_attention(attn, packing=False))
     assert settings.crop_size == dataset.settings.crop_size and tokenizer.get_vocab() == dataset.tokenizer.get_vocab()
     samples = [dataset[i] for i in (0, 3, 1, 2)]  # image, text-only, two images, image
-    batch = PackingCollator.for_model(tokenizer, settings, build_4d_mask=attn != VARLEN_ATTENTION)(samples)
+    batch = PackingCollator.for_model(tokenizer, build_4d_mask=attn != VARLEN_ATTENTION)(samples)
     assert batch["position_ids"][0, samples[0].length] == 0
     with torch.no_grad():
         embeds = embed_inputs(model, settings, batch["input_ids"], batch["images"])
@@ -153,7 +155,8 @@ def test_packed_forward_equals_unpacked(tmp_path_factory, dataset, attn):
                                        atol=1e-4, rtol=0)
             summed += single.loss.item() * int((sample.labels[1:] != -100).sum())
             start += sample.length
-        assert packed.loss.item() * batch["num_supervised"] == pytest.approx(summed, rel=1e-5)
+        supervised = count_supervised(batch["labels"], batch["position_ids"])
+        assert packed.loss.item() * supervised == pytest.approx(summed, rel=1e-5)
         by_positions = model(inputs_embeds=embeds, position_ids=batch["position_ids"]).logits  # no mask, no bounds
         if attn == VARLEN_ATTENTION:  # restarting position ids alone isolate samples, as with flash-attention
             torch.testing.assert_close(by_positions, packed.logits, atol=1e-5, rtol=0)

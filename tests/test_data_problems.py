@@ -117,7 +117,7 @@ def test_skips_travel_out_of_workers_and_are_counted_once(tokenizer, folder, tmp
     bad = [BAD_CASES[name][0] for name in ("missing", "corrupt", "unknown_role")]
     records = good[:2] + bad[:1] + good[2:4] + bad[1:] + good[4:]
     dataset = dataset_for(tokenizer, folder, tmp_path, records)
-    collator = PaddingCollator.for_model(tokenizer, dataset.settings)
+    collator = PaddingCollator.for_model(tokenizer)
     loader = torch.utils.data.DataLoader(dataset, batch_size=3, num_workers=2, collate_fn=collator)
     log, seen = ProblemLog(log_first=2), []
     for batch in loader:

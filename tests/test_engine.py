@@ -11,7 +11,7 @@ import torch
 from PIL import Image, ImageDraw
 from transformers import GenerationConfig
 
-from mlcd_vl.data.templates import get_template, normalize_messages
+from mlcd_vl.model.templates import get_template, normalize_messages
 from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.model import multimodal, tiny
 from mlcd_vl.model.build import build_vlm

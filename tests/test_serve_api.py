@@ -46,8 +46,8 @@ def data_url(image: Image.Image | bytes, kind: str = "png") -> str:
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_vlm) -> Path:
-    return tiny_vlm
+def model_dir(tiny_vlm_dir) -> Path:
+    return tiny_vlm_dir
 
 
 @pytest.fixture(scope="module")

@@ -25,8 +25,8 @@ from mlcd_vl.serve.intake import image_bytes  # noqa: E402
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_vlm) -> Engine:
-    return Engine.from_pretrained(tiny_vlm, device="cpu")
+def engine(tiny_vlm_dir) -> Engine:
+    return Engine.from_pretrained(tiny_vlm_dir, device="cpu")
 
 
 class ImageHandler(http.server.BaseHTTPRequestHandler):

@@ -21,8 +21,8 @@ from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
 
 
 @pytest.fixture(scope="module")
-def model_dir(tiny_vlm) -> Path:
-    return tiny_vlm
+def model_dir(tiny_vlm_dir) -> Path:
+    return tiny_vlm_dir
 
 
 def run_chat(model_dir: Path, script: str, *flags: str) -> subprocess.CompletedProcess:

@@ -21,8 +21,8 @@ pytestmark = pytest.mark.timeout(300)  # a scheduling bug must fail a test, neve
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_vlm) -> Engine:
-    return Engine.from_pretrained(tiny_vlm, device="cpu")
+def engine(tiny_vlm_dir) -> Engine:
+    return Engine.from_pretrained(tiny_vlm_dir, device="cpu")
 
 
 def picture(width: int, height: int, colour: str) -> Image.Image:

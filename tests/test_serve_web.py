@@ -29,8 +29,8 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-back
 
 
 @pytest.fixture(scope="module")
-def engine(tiny_vlm) -> Engine:
-    return Engine.from_pretrained(tiny_vlm, device="cpu")
+def engine(tiny_vlm_dir) -> Engine:
+    return Engine.from_pretrained(tiny_vlm_dir, device="cpu")
 
 
 def chromium_or_skip() -> str:

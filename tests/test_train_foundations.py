@@ -21,9 +21,11 @@ from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.varlen import VARLEN_ATTENTION, composite_attention
 from mlcd_vl.train import optim
 from mlcd_vl.train.config import ConfigError, load_config, save_resolved
-from mlcd_vl.train.loss import IGNORE_INDEX, StepTokens, plan_step
-from mlcd_vl.train.step import (BatchError, TrainBatch, TrainingForward, block_causal_mask, count_batch_supervised,
-                                forward_loss, plan_micro_batches)
+from mlcd_vl.data.packing import block_causal_mask
+from mlcd_vl.train.loss import StepTokens, plan_step
+from mlcd_vl.train.step import (BatchError, TrainBatch, TrainingForward, count_batch_supervised, forward_loss,
+                                plan_micro_batches)
+from mlcd_vl.vocab import IGNORE_INDEX
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "recipes"

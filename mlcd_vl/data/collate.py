@@ -5,10 +5,10 @@ A batch is a dict:
 * `input_ids`, `labels` (IGNORE_INDEX on padding), `attention_mask` (1 = real token): [B, L];
 * `images`: the `multimodal.ImageInput`s of the whole batch in prompt order (sample by sample), which is the order
   `multimodal.embed_inputs` fills the image tokens in;
-* `dummy_crop`: a zero crop when the batch has no image at all, so the vision tower still runs (every ZeRO-3
-  rank must take part in the same parameter gathers; anchors "ZeRO-3 hang with mixed modalities"), else None;
-* `record_ids`, `num_supervised` (shifted label count, `train.loss.count_supervised`, for global token-mean
-  losses) and `skipped` (the records skipped in this batch, to be counted by the main process's `ProblemLog`).
+* `record_ids` and `skipped` (the records skipped in this batch, to be counted by the main process's `ProblemLog`).
+
+A batch without images needs no stand-in crop from here: the training forward runs a zero crop through the tower
+itself (`train.step.forward_loss`), so every ZeRO-3 rank joins the same parameter gathers.
 
 Samples arrive already truncated by the label builder, so the collator never cuts anything (upstream's collator
 truncation could drop image tokens).
@@ -21,10 +21,12 @@ from dataclasses import dataclass
 import torch
 
 from mlcd_vl.data.problems import SkippedRecord
-from mlcd_vl.data.samples import IGNORE_INDEX, Sample
-from mlcd_vl.model.build import VLMSettings
-from mlcd_vl.model.pixels import dummy_pixels
-from mlcd_vl.train.loss import count_supervised
+from mlcd_vl.data.samples import Sample
+from mlcd_vl.vocab import IGNORE_INDEX
+
+
+def pad_id(tokenizer) -> int:
+    return tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
 
 
 def split_skipped(items: list) -> tuple[list[Sample], list[SkippedRecord]]:
@@ -37,14 +39,12 @@ class PaddingCollator:
     """Pads a list of `Sample`s (and drops `SkippedRecord`s) into a batch dict (module docstring)."""
 
     pad_token_id: int
-    dummy_crop: torch.Tensor | None = None
     padding_side: str = "right"
     pad_to_multiple_of: int | None = None
 
     @classmethod
-    def for_model(cls, tokenizer, settings: VLMSettings, **kwargs) -> "PaddingCollator":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return cls(pad, dummy_pixels(settings.processor), **kwargs)
+    def for_model(cls, tokenizer, **kwargs) -> "PaddingCollator":
+        return cls(pad_id(tokenizer), **kwargs)
 
     def __call__(self, items: list) -> dict:
         samples, skipped = split_skipped(items)
@@ -63,8 +63,6 @@ class PaddingCollator:
             "labels": labels,
             "attention_mask": attention_mask,
             "images": images,
-            "dummy_crop": self.dummy_crop if not images else None,
             "record_ids": [s.record_id for s in samples],
-            "num_supervised": count_supervised(labels),
             "skipped": skipped,
         }

@@ -11,7 +11,7 @@
 * `attention_mask`: for plain SDPA / eager, a 4D block-diagonal causal *additive float* mask [1, 1, T, T] (0 = attend,
   dtype-min = blocked). Restarting position ids alone does not isolate samples with SDPA or eager, and a bool 4D
   mask gives wrong results with eager (env-notes). It is O(T^2) memory, so it is built only when asked for;
-* `images` in prompt order, `dummy_crop`, `record_ids`, `num_supervised`, `skipped` as in `collate.py`.
+* `images` in prompt order, `record_ids` and `skipped` as in `collate.py`.
 """
 
 from __future__ import annotations
@@ -21,16 +21,9 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from mlcd_vl.data.collate import split_skipped
-from mlcd_vl.data.samples import IGNORE_INDEX
-from mlcd_vl.model.build import VLMSettings
-from mlcd_vl.model.pixels import dummy_pixels
-from mlcd_vl.model.varlen import VARLEN_ATTENTION
-from mlcd_vl.train.loss import count_supervised
-
-FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
-# Attention that isolates packed samples from their boundaries alone, with no 4D mask.
-MASK_FREE_IMPLEMENTATIONS = FLASH_IMPLEMENTATIONS + (VARLEN_ATTENTION,)
+from mlcd_vl.data.collate import pad_id, split_skipped
+from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS
+from mlcd_vl.vocab import IGNORE_INDEX
 
 
 def first_fit_decreasing(lengths: list[int] | np.ndarray, budget: int) -> list[list[int]]:
@@ -74,7 +67,7 @@ def block_causal_mask(segments, dtype: torch.dtype = torch.float32) -> torch.Ten
     `segments` is either a list of sample lengths (one packed row with no padding: [1, 1, T, T]) or a [B, L] tensor
     of sample numbers (1, 2, ... per packed sample, 0 = padding). A token attends to earlier tokens of its own
     sample only; padding attends to itself only, so no row of the mask is empty. The one mask builder of the
-    project (`train.step` re-exports it).
+    project.
     """
     if torch.is_tensor(segments):
         segment_ids = segments
@@ -95,14 +88,12 @@ class PackingCollator:
     """A micro-batch plan (list of samples) -> one packed row (module docstring)."""
 
     pad_token_id: int
-    dummy_crop: torch.Tensor | None = None
-    build_4d_mask: bool = True  # False with flash-attention or sdpa_varlen (MASK_FREE_IMPLEMENTATIONS)
+    build_4d_mask: bool = True  # False with flash-attention or sdpa_varlen (model.varlen.MASK_FREE_IMPLEMENTATIONS)
     mask_dtype: torch.dtype = torch.float32  # the model's compute dtype
 
     @classmethod
-    def for_model(cls, tokenizer, settings: VLMSettings, **kwargs) -> "PackingCollator":
-        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-        return cls(pad, dummy_pixels(settings.processor), **kwargs)
+    def for_model(cls, tokenizer, **kwargs) -> "PackingCollator":
+        return cls(pad_id(tokenizer), **kwargs)
 
     def __call__(self, items: list) -> dict:
         samples, skipped = split_skipped(items)
@@ -114,19 +105,16 @@ class PackingCollator:
         images = [image for sample in samples for image in sample.images]
         cu_seqlens = torch.zeros(len(samples) + 1, dtype=torch.int32)
         cu_seqlens[1:] = torch.cumsum(torch.tensor(seq_lengths, dtype=torch.int32), 0)
-        labels_row, position_ids = cat(labels), cat([torch.arange(n) for n in seq_lengths])
         return {
             "input_ids": cat([s.input_ids for s in samples]),
-            "labels": labels_row,
-            "position_ids": position_ids,
+            "labels": cat(labels),
+            "position_ids": cat([torch.arange(n) for n in seq_lengths]),
             "cu_seqlens": cu_seqlens,
             "seq_lengths": seq_lengths,
             "max_seqlen": max(seq_lengths, default=0),
             "attention_mask": block_causal_mask(seq_lengths, self.mask_dtype) if self.build_4d_mask else None,
             "images": images,
-            "dummy_crop": self.dummy_crop if not images else None,
             "record_ids": [s.record_id for s in samples],
-            "num_supervised": count_supervised(labels_row, position_ids),
             "skipped": skipped,
         }
 

@@ -28,12 +28,12 @@ from PIL import Image
 
 from mlcd_vl.data.problems import Problem, RecordProblem
 from mlcd_vl.data.sources import SourceRecord
-from mlcd_vl.data.templates import IMAGE_PLACEHOLDER, Message, TemplateError, get_template, normalize_messages
+from mlcd_vl.model.templates import Message, TemplateError, get_template, normalize_messages
 from mlcd_vl.model import anyres, pixels
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, expected_tokens
+from mlcd_vl.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, expand_image_tokens
 
-IGNORE_INDEX = -100
 LABEL_MODES = ("default", "upstream")
 
 
@@ -247,16 +247,11 @@ class SampleBuilder:
             trained = np.array([s.role == "assistant" for s in segments])[first] | np.isin(ids, self.unmasked_ids)
         else:
             trained = np.array([s.supervised for s in segments])[first]
-        is_image = ids == self.image_token_id
-        if int(is_image.sum()) != len(counts):
-            raise RecordProblem(Problem.IMAGE_COUNT_MISMATCH, f"rendered prompt has {int(is_image.sum())} "
-                                f"<image> token(s) for {len(counts)} image(s)")
-        labels = np.where(trained & ~is_image, ids, IGNORE_INDEX)
-        repeats = np.ones(len(ids), dtype=np.int64)
-        repeats[is_image] = counts
-        ids, labels = np.repeat(ids, repeats), np.repeat(labels, repeats)
-        starts = np.cumsum(repeats) - repeats
-        spans = [(int(start), count) for start, count in zip(starts[is_image], counts)]
+        labels = np.where(trained & (ids != self.image_token_id), ids, IGNORE_INDEX)
+        try:
+            ids, labels, spans = expand_image_tokens(ids, self.image_token_id, counts, labels)
+        except ValueError as error:
+            raise RecordProblem(Problem.IMAGE_COUNT_MISMATCH, str(error)) from None
         return self.truncate(_Tokens(ids, labels, spans, False))
 
     def truncate(self, tokens: _Tokens) -> _Tokens:

@@ -25,7 +25,8 @@ from transformers import (AddedToken, AutoConfig, AutoModel, AutoModelForCausalL
 from transformers.initialization import no_init_weights
 
 from mlcd_vl import presets
-from mlcd_vl.data.templates import IMAGE_PLACEHOLDER, get_template
+from mlcd_vl.model.templates import get_template
+from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 from mlcd_vl.model import anyres
 from mlcd_vl.model.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageModeSettings, ProcessorSettings
 

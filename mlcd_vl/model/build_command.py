@@ -81,7 +81,7 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 def build(args: argparse.Namespace) -> Path:
     """Compose and save; raises BuildError (or the loader's error) with the offending value named."""
     from mlcd_vl import presets
-    from mlcd_vl.data.templates import TEMPLATES
+    from mlcd_vl.model.templates import TEMPLATES
     from mlcd_vl.model import anyres
     from mlcd_vl.model.build import VLMSpec, build_vlm, model_type_for
     from mlcd_vl.model.checkpoint import save_vlm

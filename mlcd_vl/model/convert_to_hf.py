@@ -133,7 +133,7 @@ def _compose(text_config, tower_config, settings, strategy: str, layer: int, tok
     from transformers import AutoModelForImageTextToText
     from transformers.initialization import no_init_weights
 
-    from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
+    from mlcd_vl.vocab import IMAGE_PLACEHOLDER
     from mlcd_vl.model.build import compose_config
 
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)

@@ -295,7 +295,7 @@ def write_upstream_tokenizer(src: Path, dst: Path, *, padding_side: str = "right
     """The HF folder's tokenizer in the files upstream's transformers 4.44 / tokenizers 0.19 read: tokenizer.json
     with string merges, vocab.json + merges.txt, a legacy tokenizer_config.json (chat template inline),
     special_tokens_map.json and added_tokens.json. `<image>` is left out, as upstream adds it per call."""
-    from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
+    from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 
     if not (src / "tokenizer.json").is_file():
         raise ConvertError(f"{src}: no tokenizer.json")

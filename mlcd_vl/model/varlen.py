@@ -21,6 +21,9 @@ from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, flash_attention_mask
 
 VARLEN_ATTENTION = "sdpa_varlen"
+FLASH_IMPLEMENTATIONS = ("flash_attention_2", "flash_attention_3")
+# Attention that isolates packed samples from their boundaries alone, with no 4D mask.
+MASK_FREE_IMPLEMENTATIONS = FLASH_IMPLEMENTATIONS + (VARLEN_ATTENTION,)
 
 
 def padding_to_causal_mask(padding: torch.Tensor, q_length: int) -> torch.Tensor:

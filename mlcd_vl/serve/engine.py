@@ -33,9 +33,10 @@ import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from mlcd_vl.data.templates import get_template, normalize_messages
+from mlcd_vl.model.templates import get_template, normalize_messages
 from mlcd_vl.model import multimodal, pixels
 from mlcd_vl.model.build import VLMSettings
+from mlcd_vl.vocab import expand_image_tokens
 from mlcd_vl.serve import decoding
 from mlcd_vl.serve.pieces import TextStream
 from mlcd_vl.serve.requests import (EngineError, GenerationSettings, ImageSource, Prompt, Request, Result,  # noqa: F401
@@ -99,17 +100,12 @@ class Engine:
             raise EngineError(f"cannot render the conversation with template {self.template.name!r}: {error}") \
                 from error
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        placeholders = sum(1 for token in ids if token == self.image_token_id)
-        if placeholders != len(sources):
-            raise EngineError(f"the rendered prompt has {placeholders} <image> token(s) for {len(sources)} image(s)")
+        if ids.count(self.image_token_id) != len(sources):  # checked before any image is decoded
+            raise EngineError(f"the rendered prompt has {ids.count(self.image_token_id)} <image> token(s) for "
+                              f"{len(sources)} image(s)")
         images = [self.image_input(source) for source in sources]
-        expanded, position = [], 0
-        for token in ids:
-            if token == self.image_token_id:
-                expanded.extend([token] * multimodal.expected_tokens(images[position], self.settings))
-                position += 1
-            else:
-                expanded.append(token)
+        counts = [multimodal.expected_tokens(image, self.settings) for image in images]
+        expanded = expand_image_tokens(ids, self.image_token_id, counts)[0].tolist()
         if self.max_positions and len(expanded) >= self.max_positions:
             raise EngineError(f"the prompt has {len(expanded)} tokens; the model holds {self.max_positions}")
         return Prompt(text, expanded, images)

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
-from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
+from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 from mlcd_vl.model import multimodal, pixels
 
 ImageSource = Image.Image | str | os.PathLike | bytes

@@ -24,17 +24,17 @@ import torch
 from mlcd_vl.data.collate import PaddingCollator
 from mlcd_vl.data.dataset import LengthTable, SupervisedDataset
 from mlcd_vl.data.dataset import scan as scan_lengths
-from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS, PackingCollator
+from mlcd_vl.data.packing import PackingCollator
 from mlcd_vl.data.problems import ProblemLog
 from mlcd_vl.data.samplers import LengthGroupedBatchSampler, PackedBatchSampler
 from mlcd_vl.data.samples import DataConfig as SampleConfig
 from mlcd_vl.model.build import VLMSettings, VLMSpec, build_vlm
-from mlcd_vl.model.varlen import composite_attention
+from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS, composite_attention
 from mlcd_vl.train import optim
 from mlcd_vl.train.config import TrainConfig
-from mlcd_vl.train.loss import IGNORE_INDEX
 from mlcd_vl.train.metrics import StepCounts
 from mlcd_vl.train.step import TrainBatch, plan_micro_batches
+from mlcd_vl.vocab import IGNORE_INDEX
 
 TINY = "tiny"
 TINY_DIR_ENV = "MLCD_VL_TINY_DIR"  # where `tiny` assets are written (default: <output_dir>/tiny-assets)
@@ -134,13 +134,13 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
         sampler = PackedBatchSampler(table.lengths, config.data.token_budget, world_size=world_size, rank=rank,
                                      seed=config.seed, drop_last=config.data.drop_last)
         collator = PackingCollator.for_model(
-            tokenizer, settings, build_4d_mask=packed_attention(config) not in MASK_FREE_IMPLEMENTATIONS)
+            tokenizer, build_4d_mask=packed_attention(config) not in MASK_FREE_IMPLEMENTATIONS)
     else:
         sampler = LengthGroupedBatchSampler(table.lengths, table.has_image, config.batch.per_device_batch_size,
                                             world_size=world_size, rank=rank, grad_accum=config.batch.grad_accum,
                                             group_by_modality=config.data.group_by_modality, seed=config.seed,
                                             drop_last=config.data.drop_last)
-        collator = PaddingCollator.for_model(tokenizer, settings)
+        collator = PaddingCollator.for_model(tokenizer)
     workers = config.data.num_workers
     # Its own generator: starting an iterator draws a base seed, which must not come from the global RNG (a run
     # resumed mid-epoch starts one more iterator than the uninterrupted run, so dropout masks would differ).
@@ -235,7 +235,7 @@ def optimizer_step(accelerator, model, optimizer, scheduler, micro_batches: list
             output = model(batch, step_tokens)
             accelerator.backward(output.loss, **backward_kwargs)
         if raw["record_ids"]:
-            counts.add_batch(raw, output.loss_sum.item(), crop_tokens)
+            counts.add_batch(raw, output.loss_sum.item(), output.supervised_tokens, crop_tokens)
         else:
             counts.empty_micro_batches += 1
     max_norm = config.optim.max_grad_norm or 0.0

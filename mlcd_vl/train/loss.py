@@ -28,7 +28,8 @@ import torch
 import torch.nn.functional as F
 from torch import distributed as dist
 
-IGNORE_INDEX = -100
+from mlcd_vl.vocab import IGNORE_INDEX
+
 NORMALISATIONS = ("global", "upstream")
 
 
@@ -42,8 +43,7 @@ def shifted_targets(labels: torch.Tensor, position_ids: torch.Tensor | None = No
 
 
 def count_supervised(labels: torch.Tensor, position_ids: torch.Tensor | None = None) -> int:
-    """Targets a shifted causal-LM loss trains on (the project's one supervised-token count; the collators'
-    `num_supervised` comes from here too)."""
+    """Targets a shifted causal-LM loss trains on (the project's one supervised-token count)."""
     return int((shifted_targets(labels, position_ids) != IGNORE_INDEX).sum())
 
 

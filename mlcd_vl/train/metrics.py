@@ -56,7 +56,7 @@ class StepCounts:
     tower_tokens: int = 0  # crops x (patches + CLS) through the vision tower
     empty_micro_batches: int = 0
 
-    def add_batch(self, batch: dict, loss_sum: float, tokens_per_crop: int) -> None:
+    def add_batch(self, batch: dict, loss_sum: float, supervised: int, tokens_per_crop: int) -> None:
         ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         if "seq_lengths" in batch:
@@ -67,7 +67,7 @@ class StepCounts:
             self.tokens += ids.numel()
         self.positions += ids.numel()
         self.samples += len(batch.get("record_ids", ()))
-        self.supervised += int(batch["num_supervised"])
+        self.supervised += int(supervised)
         self.loss_sum += float(loss_sum)
         self.tower_tokens += sum(image.crops.shape[0] for image in batch.get("images", ())) * tokens_per_crop
 

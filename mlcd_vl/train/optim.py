@@ -30,16 +30,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlcd_vl.model.upstream_format import PROJECTOR_FILE as UPSTREAM_PROJECTOR_FILE
+from mlcd_vl.model.upstream_format import hf_to_upstream_key, upstream_to_hf_key
 from mlcd_vl.train.config import TUNABLE_PARTS, OptimConfig
 
 PART_OF_TUNABLE = {"mm_mlp_adapter": "projector", "mm_vision_tower": "vision_tower",
                    "mm_language_model": "language_model"}
 PARTS = ("vision_tower", "projector", "language_model")
 PROJECTOR_FILE = "projector.safetensors"
-UPSTREAM_PROJECTOR_FILE = "mm_projector.bin"
 PROJECTOR_PREFIX = "model.multi_modal_projector."
 PROJECTOR_KEYS = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
-UPSTREAM_LAYER = {"0": "linear_1", "2": "linear_2"}
 
 
 class ProjectorError(ValueError):
@@ -219,13 +219,8 @@ def projector_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def to_upstream_projector(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Our projector keys -> upstream's `model.mm_projector.{0,2}.*`."""
-    back = {v: k for k, v in UPSTREAM_LAYER.items()}
-    result = {}
-    for key, tensor in state.items():
-        layer, kind = key.removeprefix(PROJECTOR_PREFIX).split(".")
-        result[f"model.mm_projector.{back[layer]}.{kind}"] = tensor
-    return result
+    """Our projector keys -> upstream's `model.mm_projector.{0,2}.*` (`upstream_format`'s key map)."""
+    return {hf_to_upstream_key(key): tensor for key, tensor in state.items()}
 
 
 def save_projector(model: nn.Module | None, folder: str | Path, *, upstream_bin: bool = False,
@@ -249,11 +244,10 @@ def save_projector(model: nn.Module | None, folder: str | Path, *, upstream_bin:
 
 def _projector_suffix(key: str) -> str | None:
     """'linear_1.weight' for any of our, transformers' or upstream's projector key spellings; else None."""
+    if "mm_projector." in key:  # upstream's spelling, through `upstream_format`'s key map
+        key = upstream_to_hf_key("model.mm_projector." + key.split("mm_projector.", 1)[1], ()) or ""
     if "multi_modal_projector." in key:
         return key.split("multi_modal_projector.", 1)[1]
-    if "mm_projector." in key:
-        layer, _, kind = key.split("mm_projector.", 1)[1].partition(".")
-        return f"{UPSTREAM_LAYER.get(layer, layer)}.{kind}"
     return None
 
 

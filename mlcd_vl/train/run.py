@@ -100,7 +100,7 @@ def train(config) -> TrainResult:
     from tqdm.auto import tqdm
 
     from mlcd_vl.data.problems import ProblemLog
-    from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS
+    from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS
     from mlcd_vl.model.checkpoint import save_vlm
     from mlcd_vl.train import checkpointing, lora, loop, metrics, optim, zero
     from mlcd_vl.train.config import save_resolved

@@ -23,14 +23,12 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from mlcd_vl.data.packing import MASK_FREE_IMPLEMENTATIONS
-from mlcd_vl.data.packing import block_causal_mask  # noqa: F401  (re-exported: the one mask builder)
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.pixels import dummy_pixels
-from mlcd_vl.model.varlen import cu_seqlens_from_positions, text_attention
-from mlcd_vl.train.loss import (IGNORE_INDEX, StepTokens, count_supervised, normalise, plan_step, shifted_targets,
-                                token_loss_sum)
+from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS, cu_seqlens_from_positions, text_attention
+from mlcd_vl.train.loss import StepTokens, count_supervised, normalise, plan_step, shifted_targets, token_loss_sum
+from mlcd_vl.vocab import IGNORE_INDEX
 
 
 class BatchError(ValueError):
@@ -46,7 +44,7 @@ class TrainBatch:
       image tokens, padding). The loss shifts them by one itself.
     - attention_mask: [B, L] padding mask (1 = token, 0 = padding) for padded rows, or [B, 1, L, L] for packed rows:
       an additive float mask (0 = may attend, large negative = may not) that is block-diagonal and causal, one block
-      per sample (`block_causal_mask` builds it). A bool 4D mask (True = may attend) is converted. None only for
+      per sample (`data.packing.block_causal_mask` builds it). A bool 4D mask (True = may attend) is converted. None only for
       packed rows on flash-attention or `sdpa_varlen` (`model.varlen`), which attend per sample within the boundaries
       `forward_loss` derives from position_ids (with plain SDPA or eager, restarting position ids alone does NOT
       stop attention across samples, so `forward_loss` refuses that).

@@ -12,7 +12,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-IMAGE_PLACEHOLDER = "<image>"
+from mlcd_vl.vocab import IMAGE_PLACEHOLDER
+
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
