@@ -129,7 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl import presets
-    from mlcd_vl.data.samples import DataConfig, SampleBuilder
+    from mlcd_vl.data.config import DataConfig
+    from mlcd_vl.data.samples import SampleBuilder
     from mlcd_vl.data.sources import SourceRecord
     from mlcd_vl.model import pixels, tiny
     from mlcd_vl.model.build import VLMSettings, load_tokenizer

@@ -61,7 +61,7 @@ def child(root: Path, layout: str, budget: int, quick: bool, threads: int) -> di
     from mlcd_vl.data.collate import PaddingCollator
     from mlcd_vl.data.dataset import SupervisedDataset
     from mlcd_vl.data.packing import PackingCollator
-    from mlcd_vl.data.samples import DataConfig
+    from mlcd_vl.data.config import DataConfig
     from mlcd_vl.model.varlen import composite_attention
     from mlcd_vl.train.step import TrainBatch, forward_loss, plan_micro_batches
 
@@ -70,7 +70,7 @@ def child(root: Path, layout: str, budget: int, quick: bool, threads: int) -> di
     torch.set_num_threads(threads)
     model, tokenizer, settings = common.build_small_vlm(root, shapes_for(quick))
     model.train()
-    dataset = SupervisedDataset.from_config(DataConfig(data=str(root / "data" / "records.json"),
+    dataset = SupervisedDataset.from_config(DataConfig(train=str(root / "data" / "records.json"),
                                                        image_folder=str(root / "data"), max_length=budget),
                                             tokenizer, settings)
     samples, total = [], 0

@@ -222,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl.data.dataset import SupervisedDataset, scan
-    from mlcd_vl.data.samples import DataConfig
+    from mlcd_vl.data.config import DataConfig
 
     hf_logging.set_verbosity_error()
     torch.set_num_threads(args.threads)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         initial = copy.deepcopy(model.state_dict())
         records = common.make_records(root / "data", args.records, seed=args.seed,
                                       mixture=common.MIXTURES[args.mixture])
-        dataset = SupervisedDataset.from_config(DataConfig(data=str(records), image_folder=str(root / "data"),
+        dataset = SupervisedDataset.from_config(DataConfig(train=str(records), image_folder=str(root / "data"),
                                                            max_length=4096), tokenizer, settings)
         table = scan(dataset)
         start = time.perf_counter()

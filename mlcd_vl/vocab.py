@@ -10,6 +10,7 @@ import numpy as np
 
 IGNORE_INDEX = -100  # a label that is never trained on (prompt, image tokens, padding), as transformers' losses
 IMAGE_PLACEHOLDER = "<image>"  # the image token in text and in the tokenizer
+DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: 8K x 8K is far beyond anything the anyres grids use
 
 
 def expand_image_tokens(ids, image_token_id: int, counts: list[int], labels=None

@@ -15,7 +15,7 @@ from mlcd_vl.data.dataset import SupervisedDataset, scan
 from mlcd_vl.data.packing import PackingCollator, block_causal_mask, first_fit_decreasing, model_kwargs
 from mlcd_vl.model.varlen import VARLEN_ATTENTION, composite_attention
 from mlcd_vl.data.samplers import LengthGroupedBatchSampler, PackedBatchSampler
-from mlcd_vl.data.samples import DataConfig
+from mlcd_vl.data.config import DataConfig
 from mlcd_vl.data.sources import JsonRecords
 from mlcd_vl.model.multimodal import embed_inputs
 from mlcd_vl.model.pixels import dummy_pixels

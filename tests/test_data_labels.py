@@ -19,7 +19,8 @@ import torch
 from PIL import Image
 from test_data_common import collapsed_text, record, supervised_runs, tiny_settings, tiny_tokenizer, tiny_vlm
 
-from mlcd_vl.data.samples import DataConfig, SampleBuilder
+from mlcd_vl.data.config import DataConfig
+from mlcd_vl.data.samples import SampleBuilder
 from mlcd_vl.data.sources import SourceRecord
 from mlcd_vl.model import multimodal
 from mlcd_vl.model.build import load_tokenizer

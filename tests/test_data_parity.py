@@ -22,7 +22,8 @@ from safetensors.torch import load_file
 from transformers import AutoTokenizer
 
 from mlcd_vl.data.dataset import SupervisedDataset
-from mlcd_vl.data.samples import DataConfig, collapse_image_tokens
+from mlcd_vl.data.config import DataConfig
+from mlcd_vl.data.samples import collapse_image_tokens
 from mlcd_vl.data.sources import ConcatRecords, open_file
 from mlcd_vl.model.build import VLMSettings, prepare_tokenizer
 

@@ -15,7 +15,8 @@ from test_data_common import record, tiny_settings, tiny_tokenizer, write_image
 from mlcd_vl.data.collate import PaddingCollator
 from mlcd_vl.data.dataset import SupervisedDataset, scan
 from mlcd_vl.data.problems import DataError, Problem, ProblemLog, SkippedRecord
-from mlcd_vl.data.samples import DataConfig, Sample
+from mlcd_vl.data.config import DataConfig
+from mlcd_vl.data.samples import Sample
 from mlcd_vl.data.sources import JsonRecords
 
 ASK, ANSWER = "<image>\nWhat colour is it?", "It is red."

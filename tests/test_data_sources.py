@@ -16,7 +16,8 @@ from PIL import Image
 from test_data_common import record, tiny_settings, tiny_tokenizer, write_image
 
 from mlcd_vl.data.dataset import SupervisedDataset
-from mlcd_vl.data.samples import DataConfig, Sample
+from mlcd_vl.data.config import DataConfig
+from mlcd_vl.data.samples import Sample
 from mlcd_vl.data.sources import open_source, sample_indices
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 import train_helpers as H
 from safetensors.torch import load_file
 
-from mlcd_vl.train import checkpointing, loop, lora, optim
+from mlcd_vl.train import checkpointing, lora, models, optim
 from mlcd_vl.train.config import ConfigError, load_config
 from mlcd_vl.train.run import train
 
@@ -52,7 +52,7 @@ def text_logits(model, seed=0):
 
 def test_adapters_only_on_the_llm(data):
     config = lora_config(data, data["root"] / "unused")
-    model, _, _, _ = loop.build_model(config)
+    model, _, _, _ = models.build_model(config)
     optim.apply_tunable_parts(model, config.tunable_parts)
     lora.apply_lora(model, config.lora, config.tunable_parts_list)
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
@@ -67,7 +67,7 @@ def test_adapters_only_on_the_llm(data):
 
 def test_merge_keeps_the_outputs(data):
     config = lora_config(data, data["root"] / "unused")
-    model, _, _, _ = loop.build_model(config)
+    model, _, _, _ = models.build_model(config)
     tuner = lora.apply_lora(model, config.lora, config.tunable_parts_list)
     randomise_lora_b(model)  # make the adapters matter
     before = text_logits(model)
@@ -79,7 +79,7 @@ def test_merge_keeps_the_outputs(data):
 def test_tensor_merge_equals_peft_merge(data):
     """ZeRO-3's merge, on a (consolidated) state dict, gives exactly what `merge_and_unload` gives on the module."""
     config = lora_config(data, data["root"] / "unused", "lora.alpha=12")
-    model, _, _, _ = loop.build_model(config)
+    model, _, _, _ = models.build_model(config)
     plain_keys = list(model.state_dict())
     tuner = lora.apply_lora(model, config.lora, config.tunable_parts_list)
     randomise_lora_b(model)
@@ -125,7 +125,7 @@ def test_lora_run_saves_a_plain_merged_model(lora_run):
 
     config, result = lora_run
     assert result.steps == 4
-    start, _, _, _ = loop.build_model(config)
+    start, _, _, _ = models.build_model(config)
     initial = start.state_dict()
     reloaded = AutoModelForImageTextToText.from_pretrained(result.output_dir)
     assert type(reloaded).__name__ == type(result.model).__name__

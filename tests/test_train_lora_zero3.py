@@ -56,7 +56,7 @@ def test_merged_folder_is_the_plain_one_process_model(data, runs):
     from transformers import AutoModelForImageTextToText
 
     from mlcd_vl.model.checkpoint import load_vlm
-    from mlcd_vl.train import loop
+    from mlcd_vl.train import models
     from mlcd_vl.train.config import load_config
 
     expected = load_file(str(runs["single"] / "model.safetensors"))
@@ -73,7 +73,7 @@ def test_merged_folder_is_the_plain_one_process_model(data, runs):
     merged = model.state_dict()
     assert plain.keys() == merged.keys()
     with H.in_process_training(data["tiny"]):
-        initial = loop.build_model(load_config(H.RECIPES / "tiny_stage2.yaml", overrides(data, runs["zero3"])))[0]
+        initial = models.build_model(load_config(H.RECIPES / "tiny_stage2.yaml", overrides(data, runs["zero3"])))[0]
     initial = initial.state_dict()
     assert merged.keys() == initial.keys()
     moved = 0

@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 import train_helpers as H
-from mlcd_vl.train import checkpointing, loop, optim
+from mlcd_vl.train import checkpointing, models, optim, zero
 from mlcd_vl.train.config import RESOLVED_CONFIG_FILE, config_to_dict, load_config
 from mlcd_vl.train.run import LOSS_CURVE_FILE, METRICS_FILE, PROBLEMS_FILE, configure_parser, run, train
 
@@ -89,7 +89,7 @@ def test_stage1_trains_only_the_projector(stage1):
     config, result = stage1
     assert result.steps == 20 and len(result.history) == 20
     assert_decreases(losses(result), 0.97)
-    before, _, _, _ = loop.build_model(config)  # the same deterministic start the run had
+    before, _, _, _ = models.build_model(config)  # the same deterministic start the run had
     initial, after = before.state_dict(), load_saved(result.output_dir).state_dict()
     assert initial.keys() == after.keys()
     changed = {k for k, v in after.items() if not torch.equal(v, initial[k])}
@@ -106,7 +106,7 @@ def test_stage2_starts_from_the_stage1_projector(stage1, stage2, workspace):
     config, result = stage2
     stage1_projector = load_file(str(stage1[1].output_dir / optim.PROJECTOR_FILE))
     assert result.projector_origin == str(stage1[1].output_dir / optim.PROJECTOR_FILE)
-    model, _, _, origin = loop.build_model(config)  # what the run started from
+    model, _, _, origin = models.build_model(config)  # what the run started from
     assert origin == result.projector_origin
     for key, tensor in optim.projector_state_dict(model).items():
         assert torch.equal(tensor, stage1_projector[key]), key
@@ -239,7 +239,7 @@ def test_mfu_estimate(monkeypatch):
 
 def test_unreached_tower_layers_are_frozen(stage2):
     config, _ = stage2
-    model, _, _, _ = loop.build_model(config)
+    model, _, _, _ = models.build_model(config)
     names = optim.unreached_tower_parameters(model)
     assert len(names) == 18 and all(".layers.2." in n or "post_layernorm" in n for n in names)  # 3 layers, reads -2
     optim.apply_tunable_parts(model, config.tunable_parts)
@@ -259,7 +259,7 @@ def test_two_process_ddp_run_with_checkpoint(workspace, stage1):
                "-m", "mlcd_vl.train", str(RECIPES / "tiny_stage2.yaml"),
                *stage2_overrides(workspace, out, stage1[1].output_dir, "optim.max_steps=4", "save_steps=2",
                                  "batch.per_device_batch_size=1")]
-    env = dict(os.environ, OMP_NUM_THREADS="1", **{loop.TINY_DIR_ENV: os.environ[loop.TINY_DIR_ENV]})
+    env = dict(os.environ, OMP_NUM_THREADS="1", **{models.TINY_DIR_ENV: os.environ[models.TINY_DIR_ENV]})
 
     done = subprocess.run(command, env=env, cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
@@ -278,7 +278,7 @@ def test_two_process_ddp_run_with_checkpoint(workspace, stage1):
 def test_deepspeed_config_has_no_auto_left(name):
     """The recipe fills every "auto" as the HF Trainer would (runs under DeepSpeed: test_train_deepspeed.py)."""
     config = load_config(RECIPES / "mlcd_bigG448_stage2.yaml", [f"deepspeed={REPO / 'configs' / 'deepspeed' / name}"])
-    ds = loop.deepspeed_config(config, hidden_size=3584, world_size=8, precision="bf16")
+    ds = zero.deepspeed_config(config, hidden_size=3584, world_size=8, precision="bf16")
     assert "auto" not in json.dumps(ds)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) \
         == (2, 8, 128)

@@ -126,12 +126,12 @@ def run(args) -> int:
         return 2
     from mlcd_vl.data.dataset import SupervisedDataset, scan
     from mlcd_vl.data.problems import ProblemLog
-    from mlcd_vl.data.samples import DataConfig
+    from mlcd_vl.data.config import DataConfig
 
     tokenizer, settings = _model_inputs(args)
-    config = DataConfig(data=args.data, image_folder=args.image_folder, max_length=args.max_length,
-                        label_mode=args.label_mode, seed=args.seed)
-    dataset = SupervisedDataset.from_config(config, tokenizer, settings)
+    config = DataConfig(train=args.data, image_folder=args.image_folder, max_length=args.max_length,
+                        label_mode=args.label_mode)
+    dataset = SupervisedDataset.from_config(config, tokenizer, settings, seed=args.seed)
     log = ProblemLog(log_first=0)
     table = scan(dataset, workers=args.workers, decode_images=not args.headers_only, keep_stats=True,
                  progress=True, log=log)

@@ -21,7 +21,8 @@ import numpy as np
 import torch
 
 from mlcd_vl.data.problems import DataError, ProblemLog, RecordProblem, SkippedRecord
-from mlcd_vl.data.samples import DataConfig, Sample, SampleBuilder, SampleStats, record_id_of
+from mlcd_vl.data.config import DataConfig
+from mlcd_vl.data.samples import Sample, SampleBuilder, SampleStats, record_id_of
 from mlcd_vl.data.sources import RecordSource, open_source
 from mlcd_vl.model.build import VLMSettings
 
@@ -35,8 +36,9 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self._builder: SampleBuilder | None = None
 
     @classmethod
-    def from_config(cls, config: DataConfig, tokenizer, settings: VLMSettings) -> "SupervisedDataset":
-        return cls(open_source(config.data, config.image_folder, seed=config.seed, preset_dir=config.preset_dir),
+    def from_config(cls, config: DataConfig, tokenizer, settings: VLMSettings, seed: int = 0) -> "SupervisedDataset":
+        """Over `config.train`; `seed` draws mixture subsets (the same on every rank and resume)."""
+        return cls(open_source(config.train, config.image_folder, seed=seed, preset_dir=config.preset_dir),
                    tokenizer, settings, config)
 
     @property

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from mlcd_vl.data.config import DataConfig
 from mlcd_vl.data.problems import Problem, RecordProblem
 from mlcd_vl.data.sources import SourceRecord
 from mlcd_vl.model.templates import Message, TemplateError, get_template, normalize_messages
@@ -34,33 +35,6 @@ from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, expected_tokens
 from mlcd_vl.vocab import IGNORE_INDEX, IMAGE_PLACEHOLDER, expand_image_tokens
 
-LABEL_MODES = ("default", "upstream")
-
-
-@dataclass
-class DataConfig:
-    """How records become samples (the batching side has its own settings in `samplers` / `packing`)."""
-
-    data: str = ""  # file, folder, brace list, YAML mixture or preset name (`sources.open_source`)
-    image_folder: str | None = None
-    max_length: int = 32768  # tokens after <image> expansion; upstream model_max_length
-    template: str | None = None  # None: the model's template
-    label_mode: str = "default"  # "upstream": reference-spec 3.3 quirk, for parity runs
-    multi_image_mode: str = "pad"  # mode for records with several images ("pad" as upstream, or "model")
-    upstream_image_convert: bool = False  # plain .convert("RGB") (alpha dropped, no EXIF) as upstream
-    max_image_pixels: int = pixels.DEFAULT_MAX_PIXELS
-    image_to_front: bool = True  # upstream preprocess_multimodal
-    strict: bool = False  # raise DataError instead of skipping a bad record
-    seed: int = 0  # mixture sampling
-    preset_dir: str | None = None  # local folder holding a preset dataset (else downloaded)
-
-    def __post_init__(self) -> None:
-        if self.label_mode not in LABEL_MODES:
-            raise ValueError(f"label_mode must be one of {LABEL_MODES}, got {self.label_mode!r}")
-        if self.max_length < 2:
-            raise ValueError("max_length must be at least 2")
-        if self.multi_image_mode != "model":
-            anyres.validate_image_mode(self.multi_image_mode, "flat")
 
 
 @dataclass

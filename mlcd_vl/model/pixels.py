@@ -20,11 +20,10 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from mlcd_vl.model import anyres
+from mlcd_vl.vocab import DEFAULT_MAX_PIXELS
 
 OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-# Decompression-bomb guard: 8K x 8K is far beyond anything the anyres grids use.
-DEFAULT_MAX_PIXELS = 64_000_000
 
 
 class ImageError(ValueError):

@@ -1,14 +1,18 @@
-"""Training: configuration, freezing and optimizer groups, the loss, and one micro-batch's forward.
+"""Training, read in the order `run.py` uses the parts (config -> model -> what trains -> data -> strategy -> loop):
 
-- `config`: `TrainConfig` dataclasses, YAML recipes (`configs/recipes/`) with dotted overrides, resolved-config saving.
-- `optim`: freezing by upstream's tunable parts, per-part learning rates, AdamW + schedule, parameter counts,
-  the stage-1 projector artifact (ours and upstream's `mm_projector.bin`).
+- `config`: `TrainConfig` (its `data` section is `data.config.DataConfig`), YAML recipes with dotted overrides, the
+  resolved-config file; what the settings mean for a run (stage, attention, block mask) is decided there, once.
+- `models`: the recipe's VLM (sources, the `tiny` preset, attention, the stage-1 projector).
+- `optim`: freezing by upstream's tunable parts, per-part LRs, AdamW + schedule, parameter counts, the projector
+  artifact (ours and upstream's `mm_projector.bin`). `lora`: LoRA adapters on the LLM and their merge.
+- `loader`: dataset, length scan, sampler, collator, DataLoader.
 - `loss`: shifted token cross-entropy and its normalisation over a whole optimizer step (or upstream's).
-- `step`: the `TrainBatch` contract the data pipeline fills, `forward_loss`, and `TrainingForward`, the module
-  DDP / DeepSpeed wrap.
-- `run`: the training recipe (`python -m mlcd_vl.train RECIPE key=value ...`), built from `loop` (model, data,
-  one optimizer step), `metrics` (throughput, MFU estimate, metrics.jsonl, loss curve) and `checkpointing`
-  (atomic intermediate checkpoints, resume).
+- `step`: the `TrainBatch` contract, `forward_loss`, `TrainingForward` (what DDP / DeepSpeed wrap) and
+  `optimizer_step`.
+- `zero`: DeepSpeed's JSON filled from the recipe, one-process launches, ZeRO-3's consolidated final weights.
+- `metrics` (throughput, MFU estimate, metrics.jsonl, loss curve), `checkpointing` (atomic checkpoints, resume).
+- `run`: the recipe top to bottom (`python -m mlcd_vl.train RECIPE key=value ...`); `launch`: the launcher scripts'
+  pre-flight check. Nothing imports `run` but the CLI and `__main__`.
 
 Submodules are imported explicitly (`from mlcd_vl.train.config import load_config`) so that importing the package
 stays cheap.

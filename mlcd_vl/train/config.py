@@ -14,6 +14,11 @@ that reproduces upstream when set: `optim.max_grad_norm` 1.0 (upstream silently 
 `optim.loss_normalisation` "global" (token mean over the whole optimizer step; "upstream" = per-micro-batch mean).
 `model.llm` / `model.tower` take a preset name, hub id or folder; the value `tiny` means the locally written tiny
 preset (`mlcd_vl.model.tiny`).
+
+Each section is the config of the part that uses it: `data` is `mlcd_vl.data.config.DataConfig` itself, so a recipe's
+`data:` keys are that class's fields. What a recipe's values mean for a run is decided once, by `TrainConfig`'s
+properties: the stage (`stage1`), the attention the model gets (`attention`, `text_attention`) and whether packed
+rows need the 4D block mask (`packed_4d_mask`).
 """
 
 from __future__ import annotations
@@ -27,6 +32,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 import yaml
+
+from mlcd_vl.data.config import DataConfig
 
 RESOLVED_CONFIG_FILE = "train_config.yaml"
 TUNABLE_PARTS = ("mm_mlp_adapter", "mm_vision_tower", "mm_language_model")
@@ -48,19 +55,6 @@ class ModelConfig:
     init_from: str | None = None  # stage-1 projector artifact (folder or file) or a checkpoint folder
     allow_pickle: bool = False  # permit reading upstream's pickled mm_projector.bin (weights_only=True)
     attn_implementation: str = "sdpa"  # sdpa (packed rows: per-sample sdpa_varlen) | sdpa_varlen | eager | flash_attention_2
-
-
-@dataclass
-class DataConfig:
-    train: str = ""  # file, brace list, YAML mixture, datasets folder or preset (lcs-558k, llava-next-780k)
-    image_folder: str | None = None
-    max_length: int = 32768
-    packing: bool = False  # several samples per row, block-diagonal attention
-    token_budget: int | None = None  # tokens per micro-batch for budget batching / packing; None: fixed batch size
-    label_mode: str = "default"  # default (assistant turns only) | upstream (reference-spec 8.4 quirks)
-    group_by_modality: bool = False
-    drop_last: bool = False
-    num_workers: int = 4
 
 
 @dataclass
@@ -134,6 +128,30 @@ class TrainConfig:
     def tunable_parts_list(self) -> list[str]:
         return [part.strip() for part in self.tunable_parts.split(",") if part.strip()]
 
+    @property
+    def stage1(self) -> bool:
+        """Stage 1 = only the projector trains (upstream's pretraining)."""
+        return self.tunable_parts_list == ["mm_mlp_adapter"]
+
+    @property
+    def attention(self) -> str | dict:
+        """What the composite's `set_attn_implementation` gets: packed rows on plain SDPA run `sdpa_varlen`."""
+        from mlcd_vl.model.varlen import composite_attention
+
+        return composite_attention(self.model.attn_implementation, self.data.packing)
+
+    @property
+    def text_attention(self) -> str:
+        """The language model's attention implementation (what packed rows meet)."""
+        return self.attention["text_config"] if isinstance(self.attention, dict) else self.attention
+
+    @property
+    def packed_4d_mask(self) -> bool:
+        """Whether packed rows need the O(T^2) block-diagonal mask (the attention cannot bound samples itself)."""
+        from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS
+
+        return self.data.packing and self.text_attention not in MASK_FREE_IMPLEMENTATIONS
+
     def precision_for(self, device_type: str) -> str:
         """The precision actually used on a device type ("cuda" or "cpu")."""
         if self.precision != "auto":
@@ -142,7 +160,6 @@ class TrainConfig:
 
 
 CHOICES = {
-    "data.label_mode": ("default", "upstream"),
     "optim.lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "optim.loss_normalisation": ("global", "upstream"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
@@ -234,7 +251,10 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
             kwargs[name] = _coerce(data[name] if data[name] is not None else {}, hints[name], key)
         else:
             kwargs[name] = _coerce(data[name], hints[name], key)
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as error:  # the section's own checks (`DataConfig.__post_init__`)
+        raise ConfigError(f"{prefix or 'config'}: {error}") from None
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -293,8 +313,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"tunable_parts: {config.tunable_parts!r}; use a comma-separated subset of "
                           f"{', '.join(TUNABLE_PARTS)}")
     positive = {"batch.per_device_batch_size": config.batch.per_device_batch_size,
-                "batch.grad_accum": config.batch.grad_accum, "data.max_length": config.data.max_length,
-                "logging_steps": config.logging_steps, "lora.r": config.lora.r}
+                "batch.grad_accum": config.batch.grad_accum, "logging_steps": config.logging_steps,
+                "lora.r": config.lora.r}
     for dotted, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{dotted}: must be positive, got {value}")
@@ -302,10 +322,8 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.warmup_ratio: must lie in [0, 1), got {config.optim.warmup_ratio}")
     if len(config.optim.adam_betas) != 2:
         raise ConfigError(f"optim.adam_betas: expected two values, got {config.optim.adam_betas}")
-    if config.data.packing and config.data.token_budget is None:
-        raise ConfigError("data.token_budget: packing needs a token budget per row (e.g. data.max_length)")
     if config.optim.lr is None:
-        config.optim.lr = STAGE1_LR if parts == ["mm_mlp_adapter"] else STAGE2_LR
+        config.optim.lr = STAGE1_LR if config.stage1 else STAGE2_LR
     return config
 
 

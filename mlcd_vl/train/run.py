@@ -76,7 +76,7 @@ def _accelerator(config, model):
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
 
-    from mlcd_vl.train.loop import deepspeed_config
+    from mlcd_vl.train.zero import deepspeed_config
 
     state = PartialState(cpu=not torch.cuda.is_available())
     precision = config.precision_for(state.device.type)
@@ -100,11 +100,10 @@ def train(config) -> TrainResult:
     from tqdm.auto import tqdm
 
     from mlcd_vl.data.problems import ProblemLog
-    from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS
     from mlcd_vl.model.checkpoint import save_vlm
-    from mlcd_vl.train import checkpointing, lora, loop, metrics, optim, zero
+    from mlcd_vl.train import checkpointing, loader, lora, metrics, models, optim, zero
     from mlcd_vl.train.config import save_resolved
-    from mlcd_vl.train.step import TrainingForward
+    from mlcd_vl.train.step import TrainingForward, optimizer_step
 
     # 1. Config ---------------------------------------------------------------------------------------------------
     if config.deepspeed:
@@ -116,13 +115,13 @@ def train(config) -> TrainResult:
     if main:
         save_resolved(config, output_dir)
     set_seed(config.seed)
-    stage1 = loop.is_stage1(config)
+    stage1 = config.stage1
     say = print if main else (lambda *_: None)
     say(f"stage {1 if stage1 else 2} recipe -> {output_dir}; {config.batch.describe(world_size)}")
 
     # 2. Model ----------------------------------------------------------------------------------------------------
     with state.main_process_first():  # the tiny preset is written once
-        vlm, tokenizer, settings, origin = loop.build_model(config)
+        vlm, tokenizer, settings, origin = models.build_model(config)
     if origin:
         say(f"projector loaded from {origin}")
 
@@ -141,14 +140,13 @@ def train(config) -> TrainResult:
 
     # 4. Data -----------------------------------------------------------------------------------------------------
     with state.main_process_first():  # the main process scans; the others read its lengths
-        data = loop.build_data(config, tokenizer, settings, rank=state.process_index, world_size=world_size,
+        data = loader.build_data(config, tokenizer, settings, rank=state.process_index, world_size=world_size,
                                progress=main, table_path=output_dir / LENGTHS_FILE, scan=main)
     if config.data.token_budget and not config.data.packing:
         say("note: data.token_budget only applies to packing; padded batches use batch.per_device_batch_size")
     if config.data.packing:
-        attention = loop.packed_attention(config)
-        say(f"packing: rows of <= {config.data.token_budget} tokens, {attention} attention per sample"
-            + ("" if attention in MASK_FREE_IMPLEMENTATIONS else " through a 4D block-diagonal mask (O(T^2) memory)"))
+        say(f"packing: rows of <= {config.data.token_budget} tokens, {config.text_attention} attention per sample"
+            + (" through a 4D block-diagonal mask (O(T^2) memory)" if config.packed_4d_mask else ""))
     if main and data.scan_log.total:
         say(data.scan_log.summary("left out by the length scan"))
     micro_per_epoch = len(data.sampler)
@@ -159,7 +157,7 @@ def train(config) -> TrainResult:
         f"process(es), {steps_per_epoch} step(s) per epoch, {total_steps} step(s) in all")
 
     model = TrainingForward(vlm, settings)
-    # The schedule stays ours under DeepSpeed too: stepped once per optimizer step by `loop.optimizer_step` and
+    # The schedule stays ours under DeepSpeed too: stepped once per optimizer step by `step.optimizer_step` and
     # saved as a custom checkpoint object (accelerate would step a prepared LambdaLR once per process).
     model, optimizer = accelerator.prepare(model, optimizer)
     accelerator.register_for_checkpointing(scheduler)
@@ -180,14 +178,14 @@ def train(config) -> TrainResult:
     peak = metrics.peak_flops(accelerator.device)
     writer = metrics.MetricsWriter(output_dir / METRICS_FILE, keep_until=step) if main else None
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-    crop_tokens = loop.tokens_per_crop(vlm)
+    crop_tokens = models.tokens_per_crop(vlm)
     bar = tqdm(total=total_steps, initial=step, desc="training", unit="step", disable=not main)
     window, window_start = metrics.StepCounts(), time.perf_counter()
     while step < total_steps:
         data.sampler.set_epoch(epoch)  # keeps a resumed position within the same epoch
         epoch_log = ProblemLog()
-        for micro_batches in loop.micro_batch_groups(data.loader, config.batch.grad_accum):
-            counts, grad_norm, lrs = loop.optimizer_step(accelerator, model, optimizer, scheduler,
+        for micro_batches in loader.micro_batch_groups(data.loader, config.batch.grad_accum):
+            counts, grad_norm, lrs = optimizer_step(accelerator, model, optimizer, scheduler,
                                                          micro_batches, config, epoch_log, pad_id, crop_tokens)
             step, consumed = step + 1, consumed + len(micro_batches)
             window = metrics.StepCounts.from_tensor(window.as_tensor() + counts.as_tensor())

@@ -1,4 +1,4 @@
-"""One micro-batch through the VLM to its loss: the batch contract and `forward_loss`.
+"""One optimizer step: the batch contract, one micro-batch through the VLM to its loss, and `optimizer_step`.
 
 The data pipeline produces `TrainBatch`es; the trainer calls, for each optimizer step,
 
@@ -14,20 +14,30 @@ the caller must not do). DDP and DeepSpeed must wrap a module whose forward runs
 blocks; a zero dummy crop keeps tower and projector in the graph for text-only batches, so every rank of a ZeRO-3
 step joins the same parameter gathers), runs the language model with the batch's attention mask and position ids,
 and computes the loss on the supervised positions only.
+
+`optimizer_step` is that recipe under accelerate (distribution is accelerate's business, set up from outside):
+no DDP sync but for the last micro-batch, the loss never divided by the accumulation steps (DeepSpeed:
+`scale_wrt_gas=False`), clipping, and the LR scheduler stepped here once per optimizer step (accelerate would step a
+prepared scheduler once per process; it is not handed to DeepSpeed either). A micro-batch whose records were all
+skipped trains on `empty_stand_in`, a zero-loss row, so every rank runs the same collectives.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from mlcd_vl.data.problems import ProblemLog
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.pixels import dummy_pixels
 from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS, cu_seqlens_from_positions, text_attention
+from mlcd_vl.train.config import TrainConfig
 from mlcd_vl.train.loss import StepTokens, count_supervised, normalise, plan_step, shifted_targets, token_loss_sum
+from mlcd_vl.train.metrics import StepCounts
 from mlcd_vl.vocab import IGNORE_INDEX
 
 
@@ -170,3 +180,52 @@ class TrainingForward(nn.Module):
 
     def forward(self, batch: TrainBatch, step: StepTokens) -> LossOutput:
         return forward_loss(self.vlm, self.settings, batch, step)
+
+
+def empty_stand_in(pad_token_id: int) -> TrainBatch:
+    """What a micro-batch whose records were all skipped trains on: two padding tokens, nothing supervised.
+
+    `forward_loss` then runs the dummy crop through tower and projector and the whole language model, with a loss
+    of exactly zero, so every rank does the same forward/backward (same collectives under DDP / ZeRO-3).
+    """
+    ids = torch.full((1, 2), pad_token_id, dtype=torch.long)
+    return TrainBatch(ids, torch.full_like(ids, IGNORE_INDEX), torch.ones_like(ids), None, [])
+
+
+def optimizer_step(accelerator, model, optimizer, scheduler, micro_batches: list[dict], config: TrainConfig,
+                   problems: ProblemLog, pad_token_id: int, crop_tokens: int,
+                   ) -> tuple[StepCounts, float | None, list[float]]:
+    """Plan the step's token count, forward/backward every micro-batch, clip, step.
+
+    Returns the step's counts (this rank), the gradient norm before clipping and the learning rate of each
+    optimizer group used by this step.
+    """
+    lrs = [float(group["lr"]) for group in optimizer.param_groups]
+    batches = []
+    for batch in micro_batches:
+        problems.extend(batch["skipped"])
+        empty = not batch["record_ids"]
+        batches.append(empty_stand_in(pad_token_id) if empty else TrainBatch.from_collated(batch))
+    step_tokens = plan_micro_batches(batches, config.optim.loss_normalisation)  # all-reduced across ranks
+    counts = StepCounts()
+    from accelerate.utils import DistributedType
+
+    backward_kwargs = {"scale_wrt_gas": False} if accelerator.distributed_type == DistributedType.DEEPSPEED else {}
+    for index, (raw, batch) in enumerate(zip(micro_batches, batches)):
+        last = index == len(batches) - 1
+        accelerator.sync_gradients = last  # DeepSpeed: the accumulation boundary is the step's last micro-batch
+        with contextlib.nullcontext() if last else accelerator.no_sync(model):
+            output = model(batch, step_tokens)
+            accelerator.backward(output.loss, **backward_kwargs)
+        if raw["record_ids"]:
+            counts.add_batch(raw, output.loss_sum.item(), output.supervised_tokens, crop_tokens)
+        else:
+            counts.empty_micro_batches += 1
+    max_norm = config.optim.max_grad_norm or 0.0
+    norm = accelerator.clip_grad_norm_(model.parameters(), max_norm if max_norm > 0 else float("inf"))
+    optimizer.step()
+    if scheduler is not None and not getattr(optimizer, "step_was_skipped", False):
+        scheduler.step()  # not after an fp16 overflow skip (GradScaler or DeepSpeed's loss scaler), as HF Trainer
+    optimizer.zero_grad(set_to_none=True)
+    grad_norm = float(norm) if norm is not None else None
+    return counts, grad_norm, lrs

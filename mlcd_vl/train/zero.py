@@ -1,4 +1,5 @@
-"""DeepSpeed specifics of the recipe: one-process launches, the ZeRO stage, and a ZeRO-3 run's final weights.
+"""DeepSpeed specifics of the recipe: its JSON with every "auto" filled, one-process launches, the ZeRO stage, and a
+ZeRO-3 run's final weights.
 
 ZeRO-1/2 keep every parameter whole on every rank, so the module itself is saved as without DeepSpeed.
 
@@ -20,13 +21,43 @@ it and is not relied on.
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import socket
 from pathlib import Path
 
+from mlcd_vl.train.config import TrainConfig
+
 SCRATCH_NAME = "zero3-final.tmp"
 PREFIX = "vlm."  # the wrapped module is `step.TrainingForward`, whose only child is `vlm`
+
+
+def deepspeed_config(config: TrainConfig, hidden_size: int, world_size: int, precision: str) -> dict:
+    """The DeepSpeed JSON with every "auto" filled from the recipe (as the HF Trainer would)."""
+    ds = json.loads(Path(config.deepspeed).read_text())
+    fill = {"train_micro_batch_size_per_gpu": 1 if config.data.packing else config.batch.per_device_batch_size,
+            "gradient_accumulation_steps": config.batch.grad_accum,
+            "gradient_clipping": config.optim.max_grad_norm or 0.0}
+    fill["train_batch_size"] = fill["train_micro_batch_size_per_gpu"] * world_size * config.batch.grad_accum
+    for key, value in fill.items():
+        if ds.get(key, "auto") == "auto":
+            ds[key] = value
+    for key, enabled in (("bf16", precision == "bf16"), ("fp16", precision == "fp16")):
+        if key in ds and ds[key].get("enabled") == "auto":
+            ds[key]["enabled"] = enabled
+    zero = ds.get("zero_optimization", {})
+    sizes = {"reduce_bucket_size": hidden_size * hidden_size,
+             "stage3_prefetch_bucket_size": int(0.9 * hidden_size * hidden_size),
+             "stage3_param_persistence_threshold": 10 * hidden_size}
+    for key, value in sizes.items():
+        if zero.get(key) == "auto":
+            zero[key] = value
+    for section in ("optimizer", "scheduler"):
+        if section in ds:
+            raise ValueError(f"{config.deepspeed}: remove the {section!r} block; the recipe builds torch AdamW and "
+                             "the schedule (optim.*)")
+    return ds
 
 
 def single_process_launch_env() -> bool:
