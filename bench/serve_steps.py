@@ -25,8 +25,8 @@ import common
 
 def measures(engine, prompts, max_tokens: int) -> dict:
     """name -> function returning seconds (or seconds per step for the step measures)."""
-    from mlcd_vl.serve.engine import GenerationSettings
-    from mlcd_vl.serve.running_batch import RunningBatch
+    from mlcd_vl.serve.requests import GenerationSettings
+    from mlcd_vl.serve.decode import RunningBatch
 
     settings = GenerationSettings(max_new_tokens=max_tokens)
 
@@ -78,7 +78,8 @@ def main(argv: list[str] | None = None) -> int:
 
     from mlcd_vl.assets import DEMO_IMAGE
     from mlcd_vl.model.tiny import build_tiny_vlm
-    from mlcd_vl.serve.engine import Engine, Request
+    from mlcd_vl.serve.engine import Engine
+    from mlcd_vl.serve.requests import Request
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

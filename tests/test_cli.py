@@ -77,7 +77,8 @@ def test_ask_on_a_built_tiny_model(tiny_model):
 
 
 def test_ask_in_process_matches_the_engine(tiny_model, capsys):
-    from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
+    from mlcd_vl.serve.engine import Engine
+    from mlcd_vl.serve.requests import GenerationSettings, Request
 
     argv = ["--model", str(tiny_model), "--image", str(DEMO_IMAGE), "--image", str(DEMO_IMAGE),
             "--max-new-tokens", "6", "Compare the pictures."]

@@ -1,8 +1,10 @@
-"""The generation engine on tiny random models: batching, caching, stop strings, settings, streaming, seeds."""
+"""The generation engine on tiny random models: batching, caching, stop strings, settings, streaming, seeds, and
+its decode loop against transformers' own `generate` (the oracle)."""
 
 from __future__ import annotations
 
 import base64
+import copy
 import io
 import re
 
@@ -10,13 +12,15 @@ import pytest
 import torch
 from PIL import Image, ImageDraw
 from transformers import GenerationConfig
+from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
 from mlcd_vl.model.templates import get_template, normalize_messages
 from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.model import multimodal, tiny
 from mlcd_vl.model.build import build_vlm
 from mlcd_vl.model.checkpoint import save_vlm
-from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Request
+from mlcd_vl.serve.engine import Engine
+from mlcd_vl.serve.requests import EngineError, GenerationSettings, Request
 
 MODES = {"anyres": ("anyres", "spatial_unpad"), "square": ("square", "flat"),
          "anyres_max_4": ("anyres_max_4", "spatial_unpad")}
@@ -56,6 +60,44 @@ def requests() -> list[Request]:
 
 
 GREEDY = GenerationSettings(max_new_tokens=16)
+
+
+def transformers_generate(engine: Engine, batch: list[Request], settings: GenerationSettings) -> list:
+    """transformers' `model.generate` on the engine's own inputs and rules: the oracle for the engine's decode loop."""
+    prompts = [engine.prepare(request) for request in batch]
+    config = copy.deepcopy(engine.generation_config(settings))
+    _, stop_strings = engine.stop_rules(settings)
+    mask, embeds = engine.inputs(prompts)
+    extra = dict(tokenizer=engine.tokenizer) if stop_strings else {}  # StopStringCriteria needs it
+    if config.repetition_penalty not in (None, 1.0):
+        # given only embeddings, transformers' own penalty skips each row's first <left padding> generated tokens
+        # (it takes them for prompt); the engine's sees all of them, so the oracle gets the processor that does too
+        extra["logits_processor"] = LogitsProcessorList([RepetitionPenaltyLogitsProcessor(config.repetition_penalty)])
+        config.repetition_penalty = 1.0
+    saved = engine.model.generation_config  # generate fills unset values from it: hide the checkpoint's defaults
+    engine.model.generation_config = GenerationConfig(eos_token_id=saved.eos_token_id, bos_token_id=saved.bos_token_id,
+                                                      pad_token_id=engine.pad_token_id)
+    try:
+        with torch.random.fork_rng(), torch.inference_mode():
+            if settings.seed is not None:
+                torch.manual_seed(settings.seed)
+            rows = engine.model.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=config,
+                                         **extra).tolist()
+    finally:
+        engine.model.generation_config = saved
+    return [engine.finish(prompt, row, config, stop_strings) for prompt, row in zip(prompts, rows)]
+
+
+@pytest.mark.parametrize("settings", [GREEDY, GenerationSettings(max_new_tokens=16, repetition_penalty=1.5),
+                                      GenerationSettings(max_new_tokens=20, temperature=1.0, top_p=0.9, top_k=20,
+                                                         seed=7)], ids=["greedy", "penalty", "seeded-sampling"])
+def test_decode_loop_equals_transformers_generate(engine, settings):
+    batch = requests() if settings.seed is None else requests()[:1]  # sampling: one row draws like generate's
+    ours = engine.generate(batch, settings)
+    oracle = transformers_generate(engine, batch, settings)
+    assert [r.token_ids for r in ours] == [r.token_ids for r in oracle]
+    assert [(r.text, r.finish_reason, r.completion_tokens) for r in ours] == \
+           [(r.text, r.finish_reason, r.completion_tokens) for r in oracle]
 
 
 @pytest.mark.parametrize("mode", ["anyres", "square"])

@@ -21,7 +21,7 @@ from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
 from mlcd_vl.model import tiny  # noqa: E402
 from mlcd_vl.model.build import build_vlm  # noqa: E402
 from mlcd_vl.model.checkpoint import save_vlm  # noqa: E402
-from mlcd_vl.serve.engine import GenerationSettings  # noqa: E402
+from mlcd_vl.serve.requests import GenerationSettings  # noqa: E402
 
 CHART, MMMU = "mlcd_chartqa_local", "mlcd_mmmu_val_local"
 CHART_KW = {"max_new_tokens": 12, "temperature": 0, "do_sample": False, "until": ["\n\n"]}

@@ -24,7 +24,8 @@ openai = pytest.importorskip("openai")
 httpx = pytest.importorskip("httpx")
 
 from mlcd_vl.assets import DEMO_IMAGE  # noqa: E402
-from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
+from mlcd_vl.serve.engine import Engine  # noqa: E402
+from mlcd_vl.serve.requests import GenerationSettings, Request  # noqa: E402
 
 NAME = "tiny-vlm"
 

@@ -18,7 +18,8 @@ from mlcd_vl.assets import DEMO_IMAGE  # noqa: E402
 from mlcd_vl.serve.api import ServerOptions, create_app  # noqa: E402
 from mlcd_vl.serve.api_schema import APIError  # noqa: E402
 from mlcd_vl.serve.batcher import Batcher, BatcherOptions, Job, cut_to_limit  # noqa: E402
-from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
+from mlcd_vl.serve.engine import Engine  # noqa: E402
+from mlcd_vl.serve.requests import GenerationSettings, Request  # noqa: E402
 from mlcd_vl.serve.intake import image_bytes  # noqa: E402
 
 
@@ -88,8 +89,8 @@ def test_cut_to_limit_and_grouping(engine):
     request = Request([{"role": "user", "content": "Describe the picture."}])
     long = engine.generate([request], GenerationSettings(max_new_tokens=12))[0]
     short = engine.generate([request], GenerationSettings(max_new_tokens=5))[0]
-    assert cut_to_limit(long, 5, engine._text) == short
-    assert cut_to_limit(short, 12, engine._text) is short
+    assert cut_to_limit(long, 5, engine.detokenize) == short
+    assert cut_to_limit(short, 12, engine.detokenize) is short
 
     loop = asyncio.new_event_loop()
     try:

@@ -15,7 +15,8 @@ from PIL import Image, ImageDraw
 from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.serve import cli_chat
 from mlcd_vl.serve.cli_chat import Conversation
-from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
+from mlcd_vl.serve.engine import Engine
+from mlcd_vl.serve.requests import GenerationSettings, Request
 
 
 

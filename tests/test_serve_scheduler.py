@@ -13,8 +13,9 @@ from PIL import Image, ImageDraw
 
 from mlcd_vl.assets import DEMO_IMAGE
 from mlcd_vl.serve.batcher import Batcher, BatcherOptions, ContextLengthError, Job
-from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Request, Result
-from mlcd_vl.serve.running_batch import RunningBatch
+from mlcd_vl.serve.engine import Engine
+from mlcd_vl.serve.requests import EngineError, GenerationSettings, Request, Result
+from mlcd_vl.serve.decode import RunningBatch
 
 
 pytestmark = pytest.mark.timeout(300)  # a scheduling bug must fail a test, never hang the suite

@@ -19,7 +19,8 @@ gr = pytest.importorskip("gradio")
 pytestmark = pytest.mark.filterwarnings("ignore::Warning:gradio.queueing")  # gradio's own pandas calls
 
 from mlcd_vl.assets import DEMO_IMAGE, DEMO_QUESTION  # noqa: E402
-from mlcd_vl.serve.engine import Engine, GenerationSettings, Request  # noqa: E402
+from mlcd_vl.serve.engine import Engine  # noqa: E402
+from mlcd_vl.serve.requests import GenerationSettings, Request  # noqa: E402
 from mlcd_vl.serve.web import build_demo, make_responder, to_request  # noqa: E402
 
 CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",

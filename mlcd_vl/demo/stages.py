@@ -117,7 +117,8 @@ def chat(model: Path, data, threads: int) -> list[tuple[str, str]]:
     import torch
 
     from mlcd_vl.demo.playground import QUESTIONS, SHORT
-    from mlcd_vl.serve.engine import Engine, GenerationSettings, Request
+    from mlcd_vl.serve.engine import Engine
+    from mlcd_vl.serve.requests import GenerationSettings, Request
 
     torch.set_num_threads(threads)
     items = json.loads(Path(data.heldout_json).read_text())

@@ -40,7 +40,8 @@ from loguru import logger
 from tqdm import tqdm
 
 from mlcd_vl.eval import MODEL_ID, effective_generation
-from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Request
+from mlcd_vl.serve.engine import Engine
+from mlcd_vl.serve.requests import EngineError, GenerationSettings, Request
 
 IMAGE_TOKEN = "<image>"
 STAMP_FILE = "mlcd_vl_converted_from.json"

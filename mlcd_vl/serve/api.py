@@ -85,8 +85,8 @@ def create_app(engine, options: ServerOptions):
 
     from mlcd_vl.serve import api_schema as schema
     from mlcd_vl.serve.batcher import Batcher, Job, QueueFull
-    from mlcd_vl.serve.engine import EngineError, GenerationSettings
-    from mlcd_vl.serve.engine import Request as EngineRequest
+    from mlcd_vl.serve.requests import EngineError, GenerationSettings
+    from mlcd_vl.serve.requests import Request as EngineRequest
 
     batcher = Batcher(engine, options.batcher)
     started = int(time.time())

@@ -148,7 +148,7 @@ async def read_body(http, limit: int) -> bytes:
 def as_api_error(error: BaseException) -> APIError:
     """The client's view of an error raised while serving its request."""
     from mlcd_vl.serve.batcher import ContextLengthError
-    from mlcd_vl.serve.engine import EngineError
+    from mlcd_vl.serve.requests import EngineError
 
     if isinstance(error, APIError):
         return error

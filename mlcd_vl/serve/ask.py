@@ -38,7 +38,8 @@ def run(args: argparse.Namespace) -> int:
 
     from mlcd_vl.model.checkpoint import CheckpointError
     from mlcd_vl.model.pixels import ImageError
-    from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Request
+    from mlcd_vl.serve.engine import Engine
+    from mlcd_vl.serve.requests import EngineError, GenerationSettings, Request
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

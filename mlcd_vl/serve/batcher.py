@@ -1,19 +1,22 @@
 """One worker thread that owns the engine and serves queued jobs, batching concurrent ones.
 
 The HTTP handlers never touch the engine: they put a `Job` on a bounded queue (a full queue is refused at once with
-`QueueFull`) and await its events ("start" for a stream, "piece"s, then "done" or "error"). Two ways to batch:
+`QueueFull`) and await its events ("start" for a stream, "piece"s, then "done" or "error"). Both ways to batch run
+the one decode loop (`decode.RunningBatch`):
 
-- `continuous` (the default): iteration-level batching (`continuous.py`, `running_batch.py`). Jobs join a running
-  batch between decode steps and leave it the moment they finish or their client goes; every job keeps its own
-  `max_tokens`, stop strings, temperature / top-p and seed, streaming jobs get each piece as it is decoded, and
-  greedy answers equal the job run alone.
-- `static`: the worker takes the first waiting job, gathers whatever else arrives within `batch_wait_s` up to
-  `max_batch_size`, and groups them: non-streaming jobs with the same decoding settings share one left-padded
-  `Engine.generate` call (each job's own `max_tokens` is honoured by cutting its row); streaming jobs and jobs with
-  a `seed` run alone. The others of a group wait until its longest answer is done. It uses only transformers'
-  public `generate`, so it is also the fallback for models whose KV cache the running batch cannot splice
-  (sliding-window or quantized caches), and what `max_batch_size` 1 runs (nothing to batch: the engine's own
-  `generate` / `stream` per job).
+- `continuous` (the default): iteration-level batching. Between two decode steps the worker takes queued jobs while
+  the batch has room (`max_batch_size` rows; when nothing runs, the first job waits `batch_wait_s` for company),
+  prepares each on its own, prefills the good ones together into the running batch, drops the rows whose client
+  left, and runs one step: streaming jobs get their new text piece at once, finished jobs their result, and their
+  rows leave. Every job keeps its own `max_tokens`, stop strings, temperature / top-p and seed (a seeded row samples
+  from its own generator), and greedy answers equal the job run alone. A long prompt's prefill pauses the running
+  rows for its duration (no chunked prefill). If a step fails, the running jobs get the error and the worker goes
+  on with an empty batch.
+- `static`: continuous scheduling without joins. The worker gathers waiting jobs as above and groups them:
+  non-streaming jobs with the same decoding settings share one `Engine.generate` call (a batch joined once and run
+  to its end; each job's own `max_tokens` is honoured by cutting its row), streaming jobs and jobs with a `seed`
+  run alone. It is the fallback for models whose KV cache cannot be spliced row by row (sliding-window or
+  quantized caches), and what `max_batch_size` 1 runs.
 
 Each job is prepared on its own first (render, tokenize, images), so one bad request fails alone, with an
 `EngineError` that the server answers as a 400; the others go on.
@@ -29,9 +32,9 @@ import time
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
-from mlcd_vl.serve import running_batch
-from mlcd_vl.serve.continuous import ContinuousLoop
-from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings, Prompt, Request, Result
+from mlcd_vl.serve.decode import RunningBatch, Update, supported
+from mlcd_vl.serve.engine import Engine
+from mlcd_vl.serve.requests import EngineError, GenerationSettings, Prompt, Request, Result
 
 SCHEDULING = ("continuous", "static")
 
@@ -134,15 +137,6 @@ class Batcher:
     def start(self) -> None:
         self._thread.start()
 
-    def _continuous(self) -> bool:
-        """Whether the worker runs continuous batching (asked on its start: it looks at the model's cache)."""
-        if self.options.scheduling != "continuous" or self.options.max_batch_size == 1:
-            return False
-        if not running_batch.supported(self.engine):
-            log.warning("this model's KV cache cannot be spliced row by row; serving with static batching")
-            return False
-        return True
-
     def close(self, timeout: float = 30.0) -> None:
         self._stopping.set()
         self._thread.join(timeout)
@@ -151,12 +145,10 @@ class Batcher:
         try:
             self._queue.put_nowait(job)
         except queue.Full:
-            with self._lock:
-                self.stats.rejected_queue_full += 1
+            self._count(rejected_queue_full=1)
             raise QueueFull(f"the server queue is full ({self.options.max_queue} waiting requests); "
                             "retry shortly") from None
-        with self._lock:
-            self.stats.requests += 1
+        self._count(requests=1)
 
     def snapshot(self) -> dict:
         with self._lock:
@@ -164,41 +156,63 @@ class Batcher:
         return dict(stats, queue_depth=self._queue.qsize(), max_batch_size=self.options.max_batch_size,
                     max_queue=self.options.max_queue)
 
-    # ---------------------------------------------------------------- worker
+    # ---------------------------------------------------------------- the worker
+
+    def _continuous(self) -> bool:
+        """Whether the worker runs continuous batching (asked on its start: it looks at the model's cache)."""
+        if self.options.scheduling != "continuous" or self.options.max_batch_size == 1:
+            return False
+        if not supported(self.engine):
+            log.warning("this model's KV cache cannot be spliced row by row; serving with static batching")
+            return False
+        return True
 
     def _work(self) -> None:
-        if self._continuous():
-            ContinuousLoop(self).run(self._stopping)
+        if not self._continuous():
+            with self._lock:
+                self.stats.scheduling = "static"
+            while not self._stopping.is_set():
+                self._serve_static(self._take(self.options.max_batch_size, wait=True))
             return
-        with self._lock:
-            self.stats.scheduling = "static"
+        batch = RunningBatch(self.engine)
         while not self._stopping.is_set():
             try:
-                jobs = [self._queue.get(timeout=0.2)]
+                self._admit(batch, self._take(self.options.max_batch_size - len(batch), wait=not batch))
+                self._drop_cancelled(batch)
+                if batch:
+                    rows = len(batch)
+                    updates = batch.step()
+                    self._count(rows=rows, sized=True, running=len(batch), decode_steps=1)
+                    self._deliver(updates)
+            except Exception as error:  # noqa: BLE001 - the running rows fail; the worker goes on
+                log.exception("decode step failed")
+                running, batch = batch.sequences, RunningBatch(self.engine)  # the failed batch's state is unknown
+                self._count(running=0)
+                for sequence in running:
+                    self._fail(sequence.key, error)
+
+    def _take(self, room: int, wait: bool) -> list[Job]:
+        """Up to `room` queued jobs; with `wait`, the first is waited for and gets `batch_wait_s` of company."""
+        jobs: list[Job] = []
+        if room <= 0:
+            return jobs
+        if wait:
+            try:
+                jobs.append(self._queue.get(timeout=0.2))
             except queue.Empty:
-                continue
+                return jobs
             deadline = time.monotonic() + self.options.batch_wait_s
-            while len(jobs) < self.options.max_batch_size:
+            while len(jobs) < room:
                 try:
                     jobs.append(self._queue.get(timeout=max(0.0, deadline - time.monotonic())))
                 except queue.Empty:
                     break
-            for group in self._groups(jobs):
-                try:
-                    self._run_stream(group[0]) if group[0].stream else self._run_batch(group)
-                except Exception as error:  # noqa: BLE001 - a failed job must not stop the worker
-                    log.exception("generation failed")
-                    for job in group:
-                        if not job.finished:
-                            self._fail(job, error)
-
-    @staticmethod
-    def _groups(jobs: list[Job]) -> list[list[Job]]:
-        groups: dict[Any, list[Job]] = {}
-        for index, job in enumerate(jobs):
-            key = job.batch_key()
-            groups.setdefault(("alone", index) if key is None else key, []).append(job)
-        return list(groups.values())
+        while len(jobs) < room:
+            try:
+                jobs.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return jobs
 
     def _prepare(self, job: Job) -> Prompt:
         prompt = self.engine.prepare(job.request)
@@ -215,20 +229,100 @@ class Batcher:
         return prompt
 
     def _fail(self, job: Job, error: Exception) -> None:
-        with self._lock:
-            self.stats.failed += 1
+        self._count(failed=1)
         job.emit("error", error)
 
     def _done(self, job: Job, result: Result) -> None:
-        with self._lock:
-            self.stats.completed += 1
+        self._count(completed=1)
         job.emit("done", result)
+
+    def _count(self, *, rows: int | None = None, sized: bool = False, running: int | None = None,
+               **increments: int) -> None:
+        """Add to counters; `rows`: a batch of that many rows ran (`sized`: count it by size); `running`: rows now."""
+        with self._lock:
+            for name, amount in increments.items():
+                setattr(self.stats, name, getattr(self.stats, name) + amount)
+            if rows is not None:
+                self.stats.largest_batch = max(self.stats.largest_batch, rows)
+                if sized:
+                    self.stats.batch_sizes[rows] = self.stats.batch_sizes.get(rows, 0) + 1
+            if running is not None:
+                self.stats.running = running
+
+    # ---------------------------------------------------------------- continuous: join, deliver, leave
+
+    def _admit(self, batch: RunningBatch, jobs: list[Job]) -> None:
+        """Prepare each job on its own (a bad one fails alone), then prefill the good ones into the batch."""
+        sequences = []
+        for job in jobs:
+            if job.cancelled.is_set():
+                self._count(cancelled=1)
+                continue
+            try:
+                prompt = self._prepare(job)
+                settings = replace(job.settings, max_new_tokens=job.max_new_tokens)
+                sequences.append(batch.sequence(job, prompt, settings, show=job.stream))
+            except Exception as error:  # noqa: BLE001 - a request that cannot be prepared fails alone
+                if not isinstance(error, EngineError):
+                    log.exception("preparing a request failed")
+                self._fail(job, error)
+                continue
+            if job.stream:
+                self._count(streams=1)
+                job.emit("start")
+        if not sequences:
+            return
+        rows = len(batch) + len(sequences)
+        try:
+            updates = batch.join(sequences)
+        except Exception as error:  # noqa: BLE001 - only the joining jobs fail; the running batch is untouched
+            log.exception("prefill failed")
+            for sequence in sequences:
+                self._fail(sequence.key, error)
+            return
+        self._count(rows=rows, running=len(batch), generate_calls=1)
+        log.info("%d request(s) joined; %d running", len(sequences), len(batch))
+        self._deliver(updates)
+
+    def _deliver(self, updates: list[Update]) -> None:
+        for update in updates:
+            job = update.sequence.key
+            if job.stream and update.piece:
+                job.emit("piece", update.piece)
+            if update.result is not None:
+                self._done(job, update.result)
+
+    def _drop_cancelled(self, batch: RunningBatch) -> None:
+        gone = [s.key for s in batch.sequences if s.key.cancelled.is_set()]
+        if gone:
+            batch.leave(gone)
+            self._count(running=len(batch), cancelled=len(gone))
+
+    # ---------------------------------------------------------------- static: groups through Engine.generate
+
+    def _serve_static(self, jobs: list[Job]) -> None:
+        for group in self._groups(jobs):
+            try:
+                self._run_stream(group[0]) if group[0].stream else self._run_batch(group)
+            except Exception as error:  # noqa: BLE001 - a failed job must not stop the worker
+                log.exception("generation failed")
+                for job in group:
+                    if not job.finished:
+                        self._fail(job, error)
+
+    @staticmethod
+    def _groups(jobs: list[Job]) -> list[list[Job]]:
+        groups: dict[Any, list[Job]] = {}
+        for index, job in enumerate(jobs):
+            key = job.batch_key()
+            groups.setdefault(("alone", index) if key is None else key, []).append(job)
+        return list(groups.values())
 
     def _run_batch(self, jobs: list[Job]) -> None:
         ready: list[tuple[Job, Prompt]] = []
         for job in jobs:
             if job.cancelled.is_set():
-                self._count_cancelled()
+                self._count(cancelled=1)
                 continue
             try:
                 ready.append((job, self._prepare(job)))
@@ -238,57 +332,27 @@ class Batcher:
             return
         settings = replace(ready[0][0].settings, max_new_tokens=max(job.max_new_tokens for job, _ in ready))
         results = self.engine.generate([prompt for _, prompt in ready], settings)
-        with self._lock:
-            self.stats.generate_calls += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, len(ready))
-            self.stats.batch_sizes[len(ready)] = self.stats.batch_sizes.get(len(ready), 0) + 1
+        self._count(rows=len(ready), sized=True, generate_calls=1)
         log.info("batch of %d request(s), up to %d new tokens", len(ready), settings.max_new_tokens)
-        decode = self.engine._text
         for (job, _), result in zip(ready, results):
-            self._done(job, cut_to_limit(result, job.max_new_tokens, decode))
-
-    def _count_cancelled(self) -> None:
-        with self._lock:
-            self.stats.cancelled += 1
-
-    def _count_stream(self) -> None:
-        with self._lock:
-            self.stats.streams += 1
-
-    def _count_join(self, rows: int, running: int) -> None:
-        """A prefill brought the running batch to `rows` rows; `running` of them go on (the others finished)."""
-        with self._lock:
-            self.stats.generate_calls += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, rows)
-            self.stats.running = running
-
-    def _count_step(self, rows: int, running: int) -> None:
-        with self._lock:
-            self.stats.decode_steps += 1
-            self.stats.largest_batch = max(self.stats.largest_batch, rows)
-            self.stats.batch_sizes[rows] = self.stats.batch_sizes.get(rows, 0) + 1
-            self.stats.running = running
-
-    def _set_running(self, rows: int) -> None:
-        with self._lock:
-            self.stats.running = rows
+            self._done(job, cut_to_limit(result, job.max_new_tokens, self.engine.detokenize))
 
     def _run_stream(self, job: Job) -> None:
         """One streaming answer; a client that leaves is noticed at the next text piece."""
         if job.cancelled.is_set():
-            self._count_cancelled()
+            self._count(cancelled=1)
             return
         try:
             prompt = self._prepare(job)
         except EngineError as error:
             self._fail(job, error)
             return
-        self._count_stream()
+        self._count(streams=1)
         job.emit("start")
         stream = self.engine.stream(prompt, replace(job.settings, max_new_tokens=job.max_new_tokens))
         for piece in stream:
             if job.cancelled.is_set():
-                self._count_cancelled()
+                self._count(cancelled=1)
                 return
             job.emit("piece", piece)
         self._done(job, stream.result)

@@ -102,7 +102,7 @@ def attach_image(conversation: Conversation, argument: str) -> None:
 def answer(engine, conversation: Conversation, text: str, settings, stream: bool) -> None:
     """Generate, print and remember one answer; on an error or Ctrl-C the turn is dropped."""
     from mlcd_vl.model.pixels import ImageError
-    from mlcd_vl.serve.engine import EngineError, Request
+    from mlcd_vl.serve.requests import EngineError, Request
 
     messages, images = conversation.with_question(text)
     request = Request(messages, list(images))
@@ -131,7 +131,8 @@ def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl.model.checkpoint import CheckpointError
-    from mlcd_vl.serve.engine import Engine, EngineError, GenerationSettings
+    from mlcd_vl.serve.engine import Engine
+    from mlcd_vl.serve.requests import EngineError, GenerationSettings
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()

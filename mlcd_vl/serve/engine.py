@@ -8,47 +8,43 @@ A request is a conversation (LLaVA `from/value` or OpenAI `role/content` turns; 
 2. tokenizes once and expands each `<image>` to exactly `multimodal.expected_tokens` image tokens, every image in
    the checkpoint's image mode (upstream's `process_images` with the config, for one image or several),
 3. builds `inputs_embeds` with `multimodal.embed_inputs` (the same merge as training),
-4. generates for a whole batch at once with LEFT padding (upstream padded on the right, which made batched
-   generation wrong, reference-spec 8.10).
+4. decodes a whole batch at once with LEFT padding (upstream padded on the right, which made batched
+   generation wrong, reference-spec 8.10), in the one decode loop (`decode.RunningBatch`): `generate` joins its
+   requests once and runs them to the end, `stream` is a batch of one, the API's continuous batcher lets rows join
+   and leave between steps.
 
 Generation settings never leak from the checkpoint's `generation_config.json` (Qwen's ships
 `repetition_penalty 1.05`, `do_sample`, `temperature 0.7`..., reference-spec 8.12): only its stop token ids are used,
 unless a setting asks for the checkpoint's value explicitly.
 
-`Engine.generate` runs `model.generate` (KV cache). `Engine.stream` and `use_cache=False` run a small decode loop of
-our own with the same logits processors in the same order (`decoding.py`), so both paths give the same greedy tokens
-(tested). The API server's continuous batcher (`running_batch.py`) drives the model step by step with the same
-pieces: `prepare`, `_batch`, `stop_rules`, `generation_config`, `_finish`.
+The loop chooses tokens with `model.generate`'s arithmetic (tested against it, greedy and seeded sampling). What
+it asks of the engine is public: `inputs`, `generation_config`, `stop_rules`, `detokenize`, `finish`.
 """
 
 from __future__ import annotations
 
-import contextlib
-import copy
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator
 
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
-from transformers.generation import LogitsProcessorList, RepetitionPenaltyLogitsProcessor
 
-from mlcd_vl.model.templates import get_template, normalize_messages
 from mlcd_vl.model import multimodal, pixels
 from mlcd_vl.model.build import VLMSettings
-from mlcd_vl.vocab import expand_image_tokens
-from mlcd_vl.serve import decoding
-from mlcd_vl.serve.pieces import TextStream
-from mlcd_vl.serve.requests import (EngineError, GenerationSettings, ImageSource, Prompt, Request, Result,  # noqa: F401
+from mlcd_vl.model.templates import get_template, normalize_messages
+from mlcd_vl.serve.decode import RunningBatch
+from mlcd_vl.serve.requests import (EngineError, GenerationSettings, ImageSource, Prompt, Request, Result,
                                     flatten_messages, load_image_source)
 from mlcd_vl.serve.stops import find_stop, first_prefix_with_stop
+from mlcd_vl.vocab import expand_image_tokens
 
 
 class Engine:
     """Model + tokenizer + settings, and the ways to run them: `prepare`, `generate`, `stream`, `chat`.
 
-    The model is put in eval mode. One call at a time per engine: servers serialize calls (or batch requests into
-    one `generate`).
+    The model is put in eval mode. One call at a time per engine: servers serialize calls (the API's batcher owns the
+    engine in one worker thread).
     """
 
     def __init__(self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: VLMSettings):
@@ -110,8 +106,8 @@ class Engine:
             raise EngineError(f"the prompt has {len(expanded)} tokens; the model holds {self.max_positions}")
         return Prompt(text, expanded, images)
 
-    def _batch(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Left-padded ids, attention mask and the merged `inputs_embeds` for a batch of prompts."""
+    def inputs(self, prompts: list[Prompt]) -> tuple[torch.Tensor, torch.Tensor]:
+        """The left-padded attention mask and the merged `inputs_embeds` of a batch of prompts."""
         length = max(len(p.input_ids) for p in prompts)
         ids = torch.full((len(prompts), length), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros((len(prompts), length), dtype=torch.long)
@@ -122,7 +118,7 @@ class Engine:
         images = [replace(image, pixels=image.pixels.to(self.device)) for p in prompts for image in p.images]
         with torch.inference_mode():
             embeds = multimodal.embed_inputs(self.model, self.settings, ids, images)
-        return ids, mask, embeds
+        return mask, embeds
 
     # ---------------------------------------------------------------- settings
 
@@ -158,61 +154,20 @@ class Engine:
             eos_token_id=stop_ids, stop_strings=stop_strings or None, pad_token_id=self.pad_token_id,
             bos_token_id=self.checkpoint_generation_config.bos_token_id, use_cache=True, **sampling)
 
-    def logits_processors(self, config: GenerationConfig) -> LogitsProcessorList:
-        """The processors `model.generate` applies for this config, in its order (for our own decode loops)."""
-        return decoding.logits_processors(config)
-
-    def _seeded(self, seed: int | None):
-        """Seed the sampler for this call only, leaving the global RNG state as it was."""
-        return decoding.seeded(seed, self.device)
-
-    @contextlib.contextmanager
-    def _neutral_model_defaults(self):
-        """`model.generate` fills every unset value from `model.generation_config`; hide the checkpoint's sampling
-        defaults (Qwen's repetition_penalty 1.05, temperature 0.7 ...) for the duration of the call."""
-        saved = self.model.generation_config
-        self.model.generation_config = GenerationConfig(
-            eos_token_id=saved.eos_token_id, pad_token_id=self.pad_token_id, bos_token_id=saved.bos_token_id)
-        try:
-            yield
-        finally:
-            self.model.generation_config = saved
-
     # ---------------------------------------------------------------- generation
 
     def generate(self, requests: list[Request | Prompt | list[dict]] | Request,
                  settings: GenerationSettings | None = None) -> list[Result]:
-        """Answer a batch of requests in one left-padded generate call (greedy results equal batch-1 results).
-        Items may be prompts that `prepare` already made (servers prepare first to reject bad requests alone)."""
+        """Answer a batch of requests together, left-padded (greedy results equal batch-1 results). Items may be
+        prompts that `prepare` already made (servers prepare first to reject bad requests alone)."""
         if isinstance(requests, Request):
             requests = [requests]
-        if not requests:
-            return []
         settings = settings or GenerationSettings()
         prompts = [request if isinstance(request, Prompt) else self.prepare(request) for request in requests]
-        config = self.generation_config(settings)
-        _, stop_strings = self.stop_rules(settings)
-        _, mask, embeds = self._batch(prompts)
-        with self._seeded(settings.seed), torch.inference_mode():
-            if settings.use_cache:
-                extra = dict(tokenizer=self.tokenizer) if stop_strings else {}  # StopStringCriteria needs it
-                if config.repetition_penalty not in (None, 1.0):
-                    # transformers' own penalty, given only embeddings, skips each row's first <left padding>
-                    # generated tokens (it takes them for prompt); ours sees all of them, in the same place
-                    extra["logits_processor"] = LogitsProcessorList(
-                        [RepetitionPenaltyLogitsProcessor(config.repetition_penalty)])
-                    config = copy.deepcopy(config)
-                    config.repetition_penalty = 1.0
-                with self._neutral_model_defaults():
-                    output = self.model.generate(inputs_embeds=embeds, attention_mask=mask,
-                                                 generation_config=config, **extra)
-                rows = output.tolist()
-            else:
-                rows = [[] for _ in prompts]
-                for step in self._decode(embeds, mask, config, use_cache=False, stop_strings=stop_strings):
-                    for row, token in zip(rows, step.tolist()):
-                        row.append(token)
-        return [self._finish(prompt, row, config, stop_strings) for prompt, row in zip(prompts, rows)]
+        batch = RunningBatch(self, use_cache=settings.use_cache, splice=False)  # joined once: static scheduling
+        sequences = [batch.sequence(index, prompt, settings, show=False) for index, prompt in enumerate(prompts)]
+        results = {update.sequence.key: update.result for update in batch.run(sequences) if update.result}
+        return [results[index] for index in range(len(prompts))]
 
     def chat(self, messages: list[dict], images: list[ImageSource] | None = None,
              settings: GenerationSettings | None = None) -> Result:
@@ -220,69 +175,50 @@ class Engine:
         return self.generate([Request(messages, list(images or []))], settings)[0]
 
     def stream(self, request: Request | Prompt | list[dict],
-               settings: GenerationSettings | None = None) -> TextStream:
+               settings: GenerationSettings | None = None) -> "TextStream":
         """Iterate over the answer's text pieces as they are decoded; `.result` holds the final `Result`."""
         if not isinstance(request, (Request, Prompt)):
             request = Request(list(request))
         return TextStream(self, request, settings or GenerationSettings())
 
-    def _decode(self, embeds: torch.Tensor, mask: torch.Tensor, config: GenerationConfig, *, use_cache: bool,
-                stop_strings: list[str] | tuple = ()) -> Iterator[torch.Tensor]:
-        """Our decode loop: yields the next token of every row ([batch]); finished rows get the pad id.
-
-        Same arithmetic as `model.generate`: position ids from the attention mask, float32 logits of the last
-        position, the same processors, argmax or one multinomial draw per step.
-        """
-        stop_ids = torch.tensor(config.eos_token_id, device=self.device)
-        processors = self.logits_processors(config)
-        positions = (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
-        step_embeds, step_positions, cache = embeds, positions, None
-        generated = torch.empty((embeds.shape[0], 0), dtype=torch.long, device=self.device)
-        finished = torch.zeros(embeds.shape[0], dtype=torch.bool, device=self.device)
-        embedding = self.model.get_input_embeddings()
-        for _ in range(config.max_new_tokens):
-            with torch.inference_mode():
-                output = self.model(inputs_embeds=step_embeds, attention_mask=mask, position_ids=step_positions,
-                                    cache=cache, use_cache=use_cache, logits_to_keep=1)
-                scores = processors(generated, output.logits[:, -1, :].to(dtype=torch.float32))
-                tokens = decoding.pick(scores, config.do_sample).masked_fill(finished, self.pad_token_id)
-            generated = torch.cat([generated, tokens[:, None]], dim=1)
-            yield tokens
-            finished |= torch.isin(tokens, stop_ids)
-            if stop_strings:
-                for row in range(generated.shape[0]):
-                    if not finished[row] and find_stop(self._text(generated[row].tolist()), stop_strings) is not None:
-                        finished[row] = True
-            if bool(finished.all()):
-                return
-            with torch.inference_mode():
-                new_embeds = embedding(tokens[:, None])
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
-            next_positions = positions[:, -1:] + 1
-            positions = torch.cat([positions, next_positions], dim=1)
-            if use_cache:
-                cache, step_embeds, step_positions = output.cache, new_embeds, next_positions
-            else:
-                embeds = torch.cat([embeds, new_embeds.to(embeds.dtype)], dim=1)
-                step_embeds, step_positions = embeds, positions
-
-    def _text(self, ids: list[int]) -> str:
+    def detokenize(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
 
-    def _finish(self, prompt: Prompt, row: list[int], config: GenerationConfig, stop_strings: list[str]) -> Result:
+    def finish(self, prompt: Prompt, row: list[int], config: GenerationConfig, stop_strings: list[str]) -> Result:
         """Cut a generated row at its first stop token or stop string; count the tokens actually generated."""
         stop_ids = set(config.eos_token_id)
         end = next((i for i, token in enumerate(row) if token in stop_ids), None)
         ids = row[:end] if end is not None else list(row)
         reason, count = ("stop", end + 1) if end is not None else ("length", len(ids))
-        text = self._text(ids)
+        text = self.detokenize(ids)
         cut = find_stop(text, stop_strings)
         if cut is not None:
             text, reason = text[:cut], "stop"
-            count = first_prefix_with_stop(ids, lambda part: find_stop(self._text(part), stop_strings) is not None)
+            count = first_prefix_with_stop(ids, lambda part: find_stop(self.detokenize(part), stop_strings) is not None)
             ids = ids[:count]
         return Result(text=text, prompt_tokens=len(prompt.input_ids), completion_tokens=count,
                       finish_reason=reason, token_ids=ids)
+
+
+class TextStream:
+    """Text pieces of one answer as they are decoded (a running batch of one); `.result` after iteration."""
+
+    def __init__(self, engine: Engine, request: Request | Prompt, settings: GenerationSettings):
+        self.engine, self.request, self.settings = engine, request, settings
+        self.result: Result | None = None
+
+    def __iter__(self) -> Iterator[str]:
+        engine, settings = self.engine, self.settings
+        prompt = self.request if isinstance(self.request, Prompt) else engine.prepare(self.request)
+        batch = RunningBatch(engine, use_cache=settings.use_cache, splice=False)
+        for update in batch.run([batch.sequence(None, prompt, settings, show=True)]):
+            self.result = update.result or self.result
+            if update.piece:
+                yield update.piece
+
+    def text(self) -> str:
+        """Run to the end and return the whole answer."""
+        return "".join(self)
 
 
 def as_settings(**overrides: Any) -> GenerationSettings:

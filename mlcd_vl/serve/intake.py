@@ -1,4 +1,4 @@
-"""The API's image intake: every `image_url` part becomes checked bytes, or a 400 that names the part.
+"""The API's image intake: every `image_url` part becomes a decoded RGB image, or a 400 that names the part.
 
 Accepted: base64 `data:` URLs always; `http(s)` URLs only when the operator starts the server with
 `--allow-remote-urls`. Local paths and `file://` URLs are never read. A remote fetch is guarded against being
@@ -11,14 +11,14 @@ turned on the operator's own network (server-side request forgery):
 
 The address is checked when the URL is resolved, not pinned for the connection: a hostile DNS server answering
 differently a moment later (rebinding) is not stopped here; operators who need that run the server behind an
-egress proxy. Every image is then opened with Pillow to check it is one, and its pixel count is limited.
+egress proxy. Every image is then decoded once, here (in a worker thread, not in the engine's), under the server's
+pixel limit `--max-image-pixels`; the engine takes the decoded image as it is.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
-import io
 import ipaddress
 import socket
 import time
@@ -85,9 +85,7 @@ def fetch_remote(url: str, options: IntakeOptions) -> bytes:
 
 
 def image_bytes(url: str, options: IntakeOptions, where: str) -> bytes:
-    """The checked bytes of one `image_url`: decoded, an image, not too large."""
-    from PIL import Image
-
+    """The bytes of one `image_url`: a base64 data URL decoded, or a permitted remote URL fetched; not too large."""
     if url.startswith("data:"):
         header, comma, payload = url.partition(",")
         if not comma or ";base64" not in header:
@@ -108,21 +106,25 @@ def image_bytes(url: str, options: IntakeOptions, where: str) -> bytes:
     else:
         raise APIError(400, f"{where}: image_url must be a base64 data: URL"
                             + (" or an http(s) URL" if options.allow_remote_urls else ""), param=where)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            width, height = image.size
-    except Image.DecompressionBombError:
-        raise APIError(400, f"{where}: the image has too many pixels", param=where, code="image_too_large") from None
-    except Exception as error:  # noqa: BLE001 - PIL raises many kinds for garbage input
-        raise APIError(400, f"{where}: not a readable image ({error})", param=where, code="invalid_image") from None
-    if width * height > options.max_image_pixels:
-        raise APIError(400, f"{where}: the image is {width}x{height} pixels; this server accepts at most "
-                            f"{options.max_image_pixels} pixels", param=where, code="image_too_large")
     return data
 
 
+def load_image(url: str, options: IntakeOptions, where: str):
+    """One `image_url` decoded to an RGB PIL image, at most `max_image_pixels` pixels."""
+    from mlcd_vl.model.pixels import ImageError, load_rgb
+
+    try:
+        return load_rgb(image_bytes(url, options, where), max_pixels=options.max_image_pixels)
+    except ImageError as error:
+        too_large = "pixel limit" in str(error) or "decompression bomb" in str(error)
+        message = (f"the image has more pixels than this server accepts ({options.max_image_pixels})" if too_large
+                   else f"not a readable image ({str(error).removeprefix('<image bytes>: ')})")
+        raise APIError(400, f"{where}: {message}", param=where,
+                       code="image_too_large" if too_large else "invalid_image") from None
+
+
 def resolve_images(messages: list[dict], options: IntakeOptions) -> list[dict]:
-    """Replace every `image_url` part by an `image` part holding checked bytes (runs in a worker thread)."""
+    """Replace every `image_url` part by an `image` part holding the decoded image (runs in a worker thread)."""
     for m, message in enumerate(messages):
         if not isinstance(message["content"], list):
             continue
@@ -133,5 +135,5 @@ def resolve_images(messages: list[dict], options: IntakeOptions) -> list[dict]:
                 where = f"messages[{m}].content[{p}]"
                 if not url:
                     raise APIError(400, f"{where}: image_url part without a url", param=where)
-                message["content"][p] = {"type": "image", "image": image_bytes(url, options, where)}
+                message["content"][p] = {"type": "image", "image": load_image(url, options, where)}
     return messages

@@ -94,7 +94,12 @@ class Result:
 
 
 def load_image_source(source: ImageSource) -> Image.Image:
-    """A PIL image from a PIL image, a path, raw bytes, a `file://` URL or a base64 `data:` URL (RGB)."""
+    """A PIL image from a PIL image, a path, raw bytes, a `file://` URL or a base64 `data:` URL (RGB).
+
+    A PIL image is only converted to RGB: it is decoded already (the API server decodes each image once, under its
+    own pixel limit), and the pixel limit guards decoding."""
+    if isinstance(source, Image.Image):
+        return pixels.load_rgb(source, max_pixels=source.width * source.height)
     if isinstance(source, str):
         if source.startswith("data:"):
             header, _, payload = source.partition(",")

@@ -64,7 +64,7 @@ def _pieces(content: Any) -> list[tuple[str, str]]:
 def to_request(message: dict | str, history: list[dict]):
     """An engine Request from the new multimodal message and Gradio's history (consecutive turns of one role are
     merged; each image becomes an `<image>` placeholder where it appears, its path filling it)."""
-    from mlcd_vl.serve.engine import Request
+    from mlcd_vl.serve.requests import Request
 
     turns: list[dict] = []
     images: list[str] = []
@@ -93,7 +93,7 @@ def make_responder(engine):
     import gradio as gr
 
     from mlcd_vl.model.pixels import ImageError
-    from mlcd_vl.serve.engine import EngineError, GenerationSettings
+    from mlcd_vl.serve.requests import EngineError, GenerationSettings
 
     lock = threading.Lock()
 
