@@ -26,7 +26,7 @@ from datasets import load_dataset  # noqa: E402
 from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.utils import load_yaml_config  # noqa: E402
 
-from mlcd_vl.eval import BENCHMARKS, write_task_dir  # noqa: E402
+from mlcd_vl.eval.tasks import BENCHMARKS, write_task_dir  # noqa: E402
 from mlcd_vl.eval.lmms_adapter import MLCDLlava  # noqa: E402
 from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
 from mlcd_vl.model.tiny import build_tiny_vlm  # noqa: E402

@@ -16,6 +16,8 @@ import numpy as np
 import pytest
 import torch
 
+from upstream_utils import select_best_resolution
+
 from mlcd_vl.model import anyres
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -53,20 +55,6 @@ def _layout(size, mode, merge, crop, pinpoints=None, patch=PATCH):
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _bf_select_best(size, candidates):
-    """upstream mm_utils.select_best_resolution, written out again."""
-    ow, oh = size
-    best, max_eff, min_waste = None, 0, float("inf")
-    for w, h in candidates:
-        s = min(w / ow, h / oh)
-        dw, dh = int(ow * s), int(oh * s)
-        eff = min(dw * dh, ow * oh)
-        waste = w * h - eff
-        if eff > max_eff or (eff == max_eff and waste < min_waste):
-            max_eff, min_waste, best = eff, waste, (w, h)
-    return best
-
-
 def _bf_unpad(fmap: np.ndarray, size) -> np.ndarray:
     """upstream llava_arch.unpad_image on a (rows, cols) map: slice `[p:H-p]` along the padded axis."""
     ow, oh = size
@@ -86,7 +74,7 @@ def brute_force_tokens(size, *, mode, merge, crop, pinpoints, patch=PATCH):
     base = np.zeros((unit * unit,), dtype=np.int64)  # base crop tokens, no newline
     if mode in ("square", "pad"):
         return base.size + (1 if merge == "spatial_unpad" else 0), None
-    best = _bf_select_best(size, pinpoints)
+    best = select_best_resolution(size, pinpoints)
     gw, gh = best[0] // crop, best[1] // crop
     tiles = np.arange(gw * gh).reshape(gh, gw)
     if merge == "flat":

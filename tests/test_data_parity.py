@@ -55,6 +55,16 @@ def _index_of(dataset: SupervisedDataset, sample_id: str) -> int:
     return ids.index(sample_id)
 
 
+def _built(vectors_dir, manifest, label_mode: str):
+    """Every manifest sample built by our data pipeline: (group, sample id, facts, sample, upstream-form ids, labels)."""
+    for group, sample_id in _cases(manifest):
+        facts = manifest["models"][group]["samples"][sample_id]
+        dataset = _dataset(vectors_dir, manifest, group, facts["template"], label_mode)
+        sample = dataset[_index_of(dataset, sample_id)]
+        yield (group, sample_id, facts, sample,
+               *collapse_image_tokens(sample.input_ids, sample.labels, sample.image_spans))
+
+
 @pytest.fixture(scope="module")
 def vectors(vectors_dir, manifest):
     return {group: load_file(vectors_dir / entry["tensor_file"]) for group, entry in manifest["models"].items()}
@@ -66,11 +76,7 @@ def test_every_manifest_sample_is_covered(manifest):
 
 def test_upstream_labels_and_pixels(vectors_dir, manifest, vectors):
     checked = 0
-    for group, sample_id in _cases(manifest):
-        facts = manifest["models"][group]["samples"][sample_id]
-        dataset = _dataset(vectors_dir, manifest, group, facts["template"], "upstream")
-        sample = dataset[_index_of(dataset, sample_id)]
-        ids, labels = collapse_image_tokens(sample.input_ids, sample.labels, sample.image_spans)
+    for group, sample_id, facts, sample, ids, labels in _built(vectors_dir, manifest, "upstream"):
         assert ids == vectors[group][f"{sample_id}/input_ids"].tolist(), (group, sample_id)
         assert labels == vectors[group][f"{sample_id}/labels"].tolist(), (group, sample_id)
         assert [count for _, count in sample.image_spans] == facts["visual_tokens_per_image"], (group, sample_id)
@@ -86,11 +92,7 @@ def test_upstream_labels_and_pixels(vectors_dir, manifest, vectors):
 
 
 def test_default_labels_keep_upstream_ids(vectors_dir, manifest, vectors):
-    for group, sample_id in _cases(manifest):
-        facts = manifest["models"][group]["samples"][sample_id]
-        dataset = _dataset(vectors_dir, manifest, group, facts["template"], "default")
-        sample = dataset[_index_of(dataset, sample_id)]
-        ids, labels = collapse_image_tokens(sample.input_ids, sample.labels, sample.image_spans)
+    for group, sample_id, _, _, ids, labels in _built(vectors_dir, manifest, "default"):
         assert ids == vectors[group][f"{sample_id}/input_ids"].tolist(), (group, sample_id)
         upstream = vectors[group][f"{sample_id}/labels"].tolist()
         # default supervision is a subset of upstream's (no headers, no user/system newlines or markers)

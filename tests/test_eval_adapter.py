@@ -15,7 +15,8 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.tasks.chartqa import utils as chartqa_utils  # noqa: E402
 from lmms_eval.tasks.mmmu import utils as mmmu_utils  # noqa: E402
 
-from mlcd_vl.eval import effective_generation, register_lmms_model  # noqa: E402
+from mlcd_vl.eval import register_lmms_model  # noqa: E402
+from mlcd_vl.eval.generation import effective_generation  # noqa: E402
 from mlcd_vl.eval.lmms_adapter import MLCDLlava, build_question, plan_batches  # noqa: E402
 from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
 from mlcd_vl.model import tiny  # noqa: E402

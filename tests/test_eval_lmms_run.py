@@ -14,7 +14,7 @@ import pytest
 
 pytest.importorskip("lmms_eval")
 
-from mlcd_vl.eval import BENCHMARKS, write_task_dir  # noqa: E402
+from mlcd_vl.eval.tasks import BENCHMARKS, write_task_dir  # noqa: E402
 from mlcd_vl.eval.synthetic import make_synthetic  # noqa: E402
 from mlcd_vl.model.tiny import build_tiny_vlm  # noqa: E402
 

@@ -16,7 +16,7 @@ import lmms_eval  # noqa: E402
 from datasets import load_dataset  # noqa: E402
 from lmms_eval.utils import load_yaml_config  # noqa: E402
 
-from mlcd_vl.eval import BENCHMARKS, find_data_files, task_yaml, write_task_dir  # noqa: E402
+from mlcd_vl.eval.tasks import BENCHMARKS, find_data_files, task_yaml, write_task_dir  # noqa: E402
 from mlcd_vl.eval.synthetic import features, make_synthetic  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]

@@ -20,6 +20,8 @@ import pytest
 import torch
 from PIL import Image
 
+from upstream_utils import select_best_resolution
+
 from mlcd_vl.model import anyres, pixels
 
 PILLOW_MAJOR = int(PIL.__version__.split(".")[0])
@@ -167,19 +169,6 @@ def _clip_processor(edge: int, crop: int):
                                  image_mean=list(pixels.OPENAI_CLIP_MEAN), image_std=list(pixels.OPENAI_CLIP_STD))
 
 
-def _ref_select_best_resolution(original_size, possible_resolutions):
-    original_width, original_height = original_size
-    best_fit, max_effective, min_wasted = None, 0, float("inf")
-    for width, height in possible_resolutions:
-        scale = min(width / original_width, height / original_height)
-        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
-        effective = min(downscaled_width * downscaled_height, original_width * original_height)
-        wasted = width * height - effective
-        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
-            max_effective, min_wasted, best_fit = effective, wasted, (width, height)
-    return best_fit
-
-
 def _ref_resize_and_pad(image, target_resolution):
     original_width, original_height = image.size
     target_width, target_height = target_resolution
@@ -201,7 +190,7 @@ def _ref_divide(image, patch_size):
 
 
 def reference_anyres(image, processor, pinpoints):
-    best = _ref_select_best_resolution(image.size, pinpoints)
+    best = select_best_resolution(image.size, pinpoints)
     padded = _ref_resize_and_pad(image, best)
     patches = _ref_divide(padded, processor.crop_size["height"])
     edge = processor.size["shortest_edge"]

@@ -23,6 +23,20 @@ UPSTREAM_IMAGE_INDEX = -200
 IGNORE_INDEX = -100
 
 
+def select_best_resolution(original_size, possible_resolutions):
+    """Upstream's `mm_utils.select_best_resolution`, written out again (independent of `model.anyres`)."""
+    original_width, original_height = original_size
+    best_fit, max_effective, min_wasted = None, 0, float("inf")
+    for width, height in possible_resolutions:
+        scale = min(width / original_width, height / original_height)
+        downscaled_width, downscaled_height = int(original_width * scale), int(original_height * scale)
+        effective = min(downscaled_width * downscaled_height, original_width * original_height)
+        wasted = width * height - effective
+        if effective > max_effective or (effective == max_effective and wasted < min_wasted):
+            max_effective, min_wasted, best_fit = effective, wasted, (width, height)
+    return best_fit
+
+
 def stage2_models(manifest: dict) -> list[str]:
     return [name for name, model in manifest["models"].items() if str(model.get("kind", "")).startswith("stage2")]
 

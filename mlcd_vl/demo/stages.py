@@ -74,7 +74,7 @@ def train_stage(stage: int, workdir: Path, overrides: list[str], launcher: str, 
 
 def write_tasks(heldout: dict[str, Path], out: Path) -> list[str]:
     """One lmms-eval task per skill: ChartQA's settings (prompt, generation, relaxed accuracy) over its parquet."""
-    from mlcd_vl.eval import Benchmark, task_yaml
+    from mlcd_vl.eval.tasks import Benchmark, task_yaml
 
     out.mkdir(parents=True, exist_ok=True)
     names = []

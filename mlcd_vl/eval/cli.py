@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
     if command == "tasks":
         from pathlib import Path
 
-        from mlcd_vl.eval import BENCHMARKS, write_task_dir
+        from mlcd_vl.eval.tasks import BENCHMARKS, write_task_dir
 
         if not Path(args.data).is_dir():
             print(f"mlcd-vl eval tasks: error: {args.data} is not a folder", file=sys.stderr)

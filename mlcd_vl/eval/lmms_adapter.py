@@ -39,7 +39,8 @@ from lmms_eval.api.model import lmms
 from loguru import logger
 from tqdm import tqdm
 
-from mlcd_vl.eval import MODEL_ID, effective_generation
+from mlcd_vl.eval import MODEL_ID
+from mlcd_vl.eval.generation import effective_generation
 from mlcd_vl.serve.engine import Engine
 from mlcd_vl.serve.requests import EngineError, GenerationSettings, Request
 

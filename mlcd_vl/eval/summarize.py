@@ -15,7 +15,9 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from mlcd_vl.eval import BENCHMARKS, MODEL_ID, Benchmark, benchmark_for_task, effective_generation
+from mlcd_vl.eval import MODEL_ID
+from mlcd_vl.eval.generation import effective_generation
+from mlcd_vl.eval.tasks import BENCHMARKS, Benchmark, benchmark_for_task
 
 COLUMNS = [b.name for b in BENCHMARKS]
 

@@ -1,16 +1,18 @@
 """The five benchmarks of the MLCD table and their offline lmms-eval task definitions.
 
 `BENCHMARKS` lists lmms-eval's task, our offline task, its data file, the metric and the unit the paper reports.
-`task_yaml(benchmark, data_files)` renders an offline task: the official 0.7.3 settings (prompts, generation kwargs,
-metrics, utils imported from `lmms_eval.tasks.<name>.utils`) over local parquet files; `eval/*.yaml` are these
-files rendered with `data/<stem>.parquet` (tested to stay identical), and `write_task_dir` renders them for any
-data folder.
+`task_yaml(benchmark, data_files)` renders an offline task: the settings of the installed lmms-eval's own task file
+(prompts, generation kwargs, metrics, utils imported from `lmms_eval.tasks.<name>.utils`; read, never copied) over
+local parquet files; `eval/*.yaml` are these files rendered with `data/<stem>.parquet` (tested to stay identical),
+and `write_task_dir` renders them for any data folder.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import yaml
 
 
 @dataclass(frozen=True)
@@ -44,148 +46,66 @@ def benchmark_for_task(task: str) -> Benchmark | None:
     return next((b for b in BENCHMARKS if task in (b.task, b.local_task)), None)
 
 
-# The official task bodies of lmms-eval 0.7.3 (tasks/<name>/*.yaml with their includes merged), minus the dataset
-# keys and tags; `!function utils.x` became `!function lmms_eval.tasks.<name>.utils.x` (an absolute import).
-_U = "!function lmms_eval.tasks.{}.utils."
-_BODIES = {
-    "chartqa": f"""output_type: generate_until
-doc_to_visual: {_U.format('chartqa')}chartqa_doc_to_visual
-doc_to_text: {_U.format('chartqa')}chartqa_doc_to_text
-doc_to_target: "answer"
-generation_kwargs:
-  max_new_tokens: 16
-  temperature: 0
-  do_sample: False
-process_results: {_U.format('chartqa')}chartqa_process_results
-metric_list:
-  - metric: relaxed_overall
-    aggregation: mean
-    higher_is_better: true
-  - metric: relaxed_human_split
-    aggregation: mean
-    higher_is_better: true
-  - metric: relaxed_augmented_split
-    aggregation: mean
-    higher_is_better: true
-metadata:
-  - version: 0.0
-lmms_eval_specific_kwargs:
-  default:
-    pre_prompt: ""
-    post_prompt: "\\nAnswer the question with a single word."
-  qwen_vl:
-    pre_prompt: ""
-    post_prompt: " Answer:"
-""",
-    "docvqa_val": f"""output_type: generate_until
-doc_to_visual: {_U.format('docvqa')}docvqa_doc_to_visual
-doc_to_text: {_U.format('docvqa')}docvqa_doc_to_text
-doc_to_target: "answers"
-generation_kwargs:
-  max_new_tokens: 32
-  temperature: 0
-  do_sample: False
-metric_list:
-  - metric: anls
-    aggregation: mean
-    higher_is_better: true
-lmms_eval_specific_kwargs:
-  default:
-    pre_prompt: ""
-    post_prompt: "\\nAnswer the question using a single word or phrase."
-  qwen_vl:
-    pre_prompt: ""
-    post_prompt: " Answer:"
-""",
-    "infovqa_val": f"""output_type: generate_until
-doc_to_visual: {_U.format('infovqa')}infovqa_doc_to_visual
-doc_to_text: {_U.format('infovqa')}infovqa_doc_to_text
-doc_to_target: "answers"
-generation_kwargs:
-  max_new_tokens: 32
-  temperature: 0
-  do_sample: False
-metric_list:
-  - metric: anls
-    aggregation: mean
-    higher_is_better: true
-lmms_eval_specific_kwargs:
-  default:
-    pre_prompt: ""
-    post_prompt: "\\nAnswer the question using a single word or phrase."
-""",
-    "ocrbench": f"""output_type: generate_until
-doc_to_visual: {_U.format('ocrbench')}ocrbench_doc_to_visual
-doc_to_text: {_U.format('ocrbench')}ocrbench_doc_to_text
-doc_to_target: "answer"
-generation_kwargs:
-  max_new_tokens: 128
-  temperature: 0
-  top_p: 1.0
-  num_beams: 1
-  do_sample: false
-process_results: {_U.format('ocrbench')}ocrbench_process_results
-metric_list:
-  - metric: ocrbench_accuracy
-    aggregation: {_U.format('ocrbench')}ocrbench_aggregate_accuracy
-    higher_is_better: true
-lmms_eval_specific_kwargs:
-  default:
-    pre_prompt: ""
-    post_prompt: ""
-  plm:
-    pre_prompt: ""
-    post_prompt: "\\nProvide a short and direct response."
-metadata:
-  - version: 0.0
-""",
-    "mmmu_val": f"""output_type: generate_until
-doc_to_visual: {_U.format('mmmu')}mmmu_doc_to_visual
-doc_to_text: {_U.format('mmmu')}mmmu_doc_to_text
-doc_to_target: "answer"
-doc_to_messages: {_U.format('mmmu')}mmmu_doc_to_messages
-process_results: {_U.format('mmmu')}mmmu_process_results
-metric_list:
-  - metric: mmmu_acc
-    aggregation: {_U.format('mmmu')}mmmu_aggregate_results
-    higher_is_better: true
-lmms_eval_specific_kwargs:
-  default:
-    prompt_type: "format"
-    multiple_choice_prompt: "Answer with the option's letter from the given choices directly."
-    open_ended_prompt: "Answer the question using a single word or phrase."
-  qwen3_vl:
-    format: "qwen3_vl"
-    pre_prompt: "Question: "
-    post_prompt: "Answer with the option letter only."
-    open_ended_prompt: "Please select the correct answer from the options above."
-generation_kwargs:
-  max_new_tokens: 128
-metadata:
-  version: 0.0
-  interleaved_format: false
-""",
-}
+# Where lmms-eval keeps each benchmark's own task file (under lmms_eval/tasks/), and its keys that name the data.
+BUILTIN_TASKS = {"chartqa": "chartqa/chartqa.yaml", "docvqa_val": "docvqa/docvqa_val.yaml",
+                 "infovqa_val": "infovqa/infovqa_val.yaml", "ocrbench": "ocrbench/ocrbench.yaml",
+                 "mmmu_val": "mmmu/mmmu_val.yaml"}
+DATASET_KEYS = ("task", "tag", "dataset_path", "dataset_name", "dataset_kwargs", "test_split")
+
+
+class _Function(str):
+    """A `!function module.name` reference, kept as text and written back as one."""
+
+
+class _Quoted(str):
+    """A string written in double quotes (data file paths)."""
+
+
+class _Dumper(yaml.SafeDumper):
+    def represent_str(self, value: str):
+        return self.represent_scalar("tag:yaml.org,2002:str", value, style='"' if "\n" in value else None)
+
+
+_Dumper.add_representer(str, _Dumper.represent_str)
+_Dumper.add_representer(_Function, lambda dumper, value: dumper.represent_scalar("!function", str(value)))
+_Dumper.add_representer(_Quoted, lambda dumper, value: dumper.represent_scalar("tag:yaml.org,2002:str", value,
+                                                                               style='"'))
+
+
+def _read_task(path: Path) -> dict:
+    """A task file with its `include`s merged as lmms-eval merges them; `!function utils.x` becomes the absolute
+    `lmms_eval.tasks.<folder>.utils.x`, so the offline copy imports the official utils from anywhere."""
+    class Loader(yaml.SafeLoader):
+        pass
+
+    Loader.add_constructor("!function", lambda loader, node: _Function(
+        f"lmms_eval.tasks.{path.parent.name}.{loader.construct_scalar(node)}"))
+    config = yaml.load(path.read_text(), Loader=Loader)  # noqa: S506 - a SafeLoader with one more tag
+    includes = config.pop("include", [])
+    merged: dict = {}
+    for name in reversed([includes] if isinstance(includes, str) else includes):  # the first include wins
+        merged.update(_read_task(path.parent / name))
+    return {**merged, **config}
+
+
+def task_body(benchmark: Benchmark) -> dict:
+    """lmms-eval's own settings of the benchmark (prompts, generation kwargs, metrics), minus its dataset keys."""
+    import lmms_eval
+
+    config = _read_task(Path(lmms_eval.__file__).parent / "tasks" / BUILTIN_TASKS[benchmark.stem])
+    return {key: value for key, value in config.items() if key not in DATASET_KEYS}
 
 
 def task_yaml(benchmark: Benchmark, data_files: str | list[str]) -> str:
-    """The offline task YAML for a benchmark over `data_files` (relative to the YAML's folder, or absolute)."""
-    files = [data_files] if isinstance(data_files, str) else list(data_files)
-    listed = "\n".join(f"      - {_quote(f)}" for f in files)
-    return (f"# Offline twin of lmms-eval 0.7.3 `{benchmark.task}`: same prompts, generation kwargs and metrics,\n"
-            f"# data from local parquet files in the benchmark's own schema. Generated by mlcd_vl.eval.tasks.task_yaml.\n"
-            f"task: {benchmark.local_task}\n"
-            f"tag: []\n"
-            f"dataset_path: parquet\n"
-            f"dataset_kwargs:\n"
-            f"  data_files:\n"
-            f"    {benchmark.split}:\n{listed}\n"
-            f"test_split: {benchmark.split}\n"
-            + _BODIES[benchmark.stem])
-
-
-def _quote(path: str) -> str:
-    return '"' + path.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    """The offline task YAML for a benchmark over `data_files` (relative to the YAML's folder, or absolute): the
+    installed lmms-eval's own task settings (the one source) over local parquet files."""
+    files = [_Quoted(f) for f in ([data_files] if isinstance(data_files, str) else data_files)]
+    head = {"task": benchmark.local_task, "tag": [], "dataset_path": "parquet",
+            "dataset_kwargs": {"data_files": {benchmark.split: files}}, "test_split": benchmark.split}
+    return (f"# Offline twin of lmms-eval `{benchmark.task}`: its own prompts, generation kwargs and metrics, over\n"
+            f"# local parquet files in the benchmark's own schema. Generated by mlcd_vl.eval.tasks.task_yaml.\n"
+            + yaml.dump({**head, **task_body(benchmark)}, Dumper=_Dumper, sort_keys=False, width=120,
+                        allow_unicode=True))
 
 
 def find_data_files(data_dir: str | Path, benchmark: Benchmark) -> list[Path]:
