@@ -1,3 +1,18 @@
-"""mlcd-vl: train, evaluate and serve LLaVA-NeXT-style VLMs built from an MLCD vision tower and Qwen2.5."""
+"""mlcd-vl: train, evaluate and serve LLaVA-NeXT-style VLMs built from an MLCD vision tower and Qwen2.5.
+
+The house, floor by floor; a module imports only from its own floor or the floors below it, never in a circle
+(`tests/test_house_plan.py` checks both):
+
+    0  vocab.py                 shared words: IGNORE_INDEX, <image> and its expansion, the anyres grid type, the
+                                pixel limit
+    1  presets.py, assets/      named towers and LLMs with their upstream grids; bundled files (the demo picture)
+    2  model/                   build, load and save the VLM, pixels, anyres, chat templates, the tiny preset,
+                                upstream conversion
+    3  data/                    records -> samples -> batches (`data.config.DataConfig` owns its settings)
+    4  train/  serve/  eval/    the recipe (`train.run`); the engine with its one decode loop and the servers; the
+                                lmms-eval adapter (eval sits on serve's engine)
+    5  demo/                    the CPU demo wing (`mlcd-vl demo`)
+    6  cli.py                   `mlcd-vl`, the one entry point; nothing imports it
+"""
 
 __version__ = "0.1.0"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from mlcd_vl.model.anyres import Pinpoints
+from mlcd_vl.vocab import Pinpoints
 
 
 @dataclass(frozen=True)

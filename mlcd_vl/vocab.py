@@ -1,4 +1,5 @@
-"""The words every floor of the package shares: label and image-token conventions, and `<image>` expansion.
+"""The words every floor of the package shares: label and image-token conventions, `<image>` expansion, the anyres
+grid type and the decoding pixel limit.
 
 Nothing here imports the rest of the package, so the model, data, loss, training and serving code can all use it
 without pointing at each other.
@@ -10,6 +11,7 @@ import numpy as np
 
 IGNORE_INDEX = -100  # a label that is never trained on (prompt, image tokens, padding), as transformers' losses
 IMAGE_PLACEHOLDER = "<image>"  # the image token in text and in the tokenizer
+Pinpoints = list[tuple[int, int]]  # an anyres grid: (width, height) of each candidate resolution
 DEFAULT_MAX_PIXELS = 64_000_000  # decompression-bomb guard: 8K x 8K is far beyond anything the anyres grids use
 
 

@@ -15,7 +15,7 @@ import math
 import re
 from dataclasses import dataclass
 
-Pinpoints = list[tuple[int, int]]
+from mlcd_vl.vocab import Pinpoints
 
 _RANGE_PATTERN = re.compile(r"\((\d+)x(\d+)\)")
 _ANYRES_MAX_PATTERN = re.compile(r"^anyres_max_(\d+)$")
