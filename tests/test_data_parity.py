@@ -56,7 +56,8 @@ def _index_of(dataset: SupervisedDataset, sample_id: str) -> int:
 
 
 def _built(vectors_dir, manifest, label_mode: str):
-    """Every manifest sample built by our data pipeline: (group, sample id, facts, sample, upstream-form ids, labels)."""
+    """Every manifest sample built by our data pipeline: (group, sample id, facts, sample, upstream-form ids and
+    labels)."""
     for group, sample_id in _cases(manifest):
         facts = manifest["models"][group]["samples"][sample_id]
         dataset = _dataset(vectors_dir, manifest, group, facts["template"], label_mode)

@@ -54,7 +54,7 @@ class TrainBatch:
       image tokens, padding). The loss shifts them by one itself.
     - attention_mask: [B, L] padding mask (1 = token, 0 = padding) for padded rows, or [B, 1, L, L] for packed rows:
       an additive float mask (0 = may attend, large negative = may not) that is block-diagonal and causal, one block
-      per sample (`data.packing.block_causal_mask` builds it). A bool 4D mask (True = may attend) is converted. None only for
+      per sample (`data.packing.block_causal_mask`). A bool 4D mask (True = may attend) is converted. None only for
       packed rows on flash-attention or `sdpa_varlen` (`model.varlen`), which attend per sample within the boundaries
       `forward_loss` derives from position_ids (with plain SDPA or eager, restarting position ids alone does NOT
       stop attention across samples, so `forward_loss` refuses that).
