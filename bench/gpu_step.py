@@ -192,9 +192,7 @@ def run_mode(mode: str, model, settings, shapes, plans: list[list], attn: str, d
 
     from mlcd_vl.data.collate import PaddingCollator
     from mlcd_vl.data.packing import PackingCollator
-    from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS
-    from mlcd_vl.model.pixels import dummy_pixels
-    from mlcd_vl.model.varlen import composite_attention, text_attention
+    from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS, composite_attention, text_attention
     from mlcd_vl.train.step import TrainBatch, forward_loss, plan_micro_batches
 
     pad = 0
@@ -202,10 +200,10 @@ def run_mode(mode: str, model, settings, shapes, plans: list[list], attn: str, d
     if mode == "packed":
         text = text_attention(model)
         varlen = text in MASK_FREE_IMPLEMENTATIONS
-        collate = PackingCollator(pad, dummy_pixels(settings.processor), build_4d_mask=not varlen, mask_dtype=dtype)
+        collate = PackingCollator(pad, build_4d_mask=not varlen, mask_dtype=dtype)
         attention = text + (" varlen (no mask)" if varlen else " + 4D block mask")
     else:
-        collate = PaddingCollator(pad, dummy_pixels(settings.processor))
+        collate = PaddingCollator(pad)
         attention = attn + " + padding mask"
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=device == "cuda")
     cuda = device == "cuda"
