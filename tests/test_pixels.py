@@ -424,3 +424,52 @@ def test_max_pixels(tmp_path):
     huge_path = _save(tmp_path, huge, "huge_image.png")
     assert 8001 * 8001 > pixels.DEFAULT_MAX_PIXELS
     _assert_image_error(huge_path, "huge_image.png")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# "squash" resize (SigLIP's processor, OpenCLIP's resize_mode="squash" as DFN5B uses)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _squash_processors(size: int, mean, std):
+    from transformers.models.clip.image_processing_pil_clip import CLIPImageProcessorPil
+    from transformers.models.siglip.image_processing_pil_siglip import SiglipImageProcessorPil
+
+    hw = {"height": size, "width": size}
+    return {
+        "clip-no-crop": CLIPImageProcessorPil(size=hw, crop_size=hw, do_center_crop=False, image_mean=list(mean),
+                                              image_std=list(std), resample=3),
+        "siglip": SiglipImageProcessorPil(size=hw, image_mean=list(mean), image_std=list(std), resample=3),
+    }
+
+
+@pytest.mark.parametrize("size", ODD_SIZES + [(60, 60), (90, 150)], ids=lambda s: f"{s[0]}x{s[1]}")
+def test_squash_matches_transformers_processors(size):
+    """Squash resizes the whole image to SxS (no crop) exactly as SigLIP's and a crop-less CLIP processor do."""
+    _require_pillow_lt_13()
+    image = _random_image(*size, seed=size[0] * 13 + size[1])
+    for mean, std in ((pixels.OPENAI_CLIP_MEAN, pixels.OPENAI_CLIP_STD), ((0.5,) * 3, (0.5,) * 3)):
+        settings = pixels.ProcessorSettings(crop_size=60, patch_size=14, mean=mean, std=std, resize_mode="squash")
+        ours = pixels.process_image(image, settings, pixels.ImageModeSettings("square", "flat")).numpy()
+        for name, processor in _squash_processors(60, mean, std).items():
+            ref = processor.preprocess(image, return_tensors="np")["pixel_values"][0]
+            assert ours.shape == ref.shape == (3, 60, 60)
+            assert np.array_equal(ours, ref), (name, mean, np.abs(ours - ref).max())
+
+
+def test_squash_keeps_the_whole_image_where_shortest_edge_crops():
+    """A wide image: squash keeps both ends (no centre crop); the anyres crops are SxS, so both modes agree there."""
+    image = Image.new("RGB", (300, 100), (255, 255, 255))
+    image.paste((255, 0, 0), (0, 0, 30, 100))  # a red band at the left edge
+    squash = pixels.ProcessorSettings(crop_size=56, patch_size=14, resize_mode="squash")
+    shortest = pixels.ProcessorSettings(crop_size=56, patch_size=14)
+    square = pixels.ImageModeSettings("square", "flat")
+    no_green = -pixels.OPENAI_CLIP_MEAN[1] / pixels.OPENAI_CLIP_STD[1]  # the band has green 0, white has 255
+    assert np.isclose(pixels.process_image(image, squash, square)[1, 28, 0].item(), no_green, atol=1e-3)
+    assert pixels.process_image(image, shortest, square)[1, 28, 0].item() > 1.5  # centre crop: white
+    pinpoints = [(56, 112), (112, 56), (112, 112)]
+    anyres_mode = pixels.ImageModeSettings("anyres", "spatial_unpad", pinpoints)
+    assert torch.equal(pixels.process_image(image, squash, anyres_mode), pixels.process_image(image, shortest,
+                                                                                               anyres_mode))
+    with pytest.raises(ValueError, match="resize mode"):
+        pixels.ProcessorSettings(crop_size=56, patch_size=14, resize_mode="stretch")

@@ -47,6 +47,7 @@ class VLMSettings:
     image_std: tuple[float, float, float] = OPENAI_CLIP_STD
     llm: str = ""  # where the LLM came from (provenance only)
     tower: str = ""
+    resize_mode: str = "shortest_edge"  # or "squash" (SigLIP, DFN5B): see pixels.ProcessorSettings
 
     def __post_init__(self) -> None:
         self.pinpoints = [tuple(p) for p in self.pinpoints]
@@ -55,7 +56,8 @@ class VLMSettings:
 
     @property
     def processor(self) -> ProcessorSettings:
-        return ProcessorSettings(self.crop_size, self.patch_size, mean=self.image_mean, std=self.image_std)
+        return ProcessorSettings(self.crop_size, self.patch_size, mean=self.image_mean, std=self.image_std,
+                                 resize_mode=self.resize_mode)
 
     @property
     def mode(self) -> ImageModeSettings:

@@ -56,9 +56,12 @@ def build_hf_processor(tokenizer: PreTrainedTokenizerBase, settings: VLMSettings
     transformers' processors resize with torchvision by default; pass `backend="pil"` to reproduce upstream's
     pixels exactly (our own pixel path always does).
     """
-    size, crop = {"shortest_edge": settings.crop_size}, {"height": settings.crop_size, "width": settings.crop_size}
+    crop = {"height": settings.crop_size, "width": settings.crop_size}
+    # "squash" resizes every crop straight to SxS: transformers spells it as a height/width size without centre crop.
+    squash = settings.resize_mode == "squash"
+    size = dict(crop) if squash else {"shortest_edge": settings.crop_size}
     common = dict(size=size, crop_size=crop, image_mean=list(settings.image_mean), image_std=list(settings.image_std),
-                  resample=3, do_convert_rgb=True)
+                  resample=3, do_convert_rgb=True, **({"do_center_crop": False} if squash else {}))
     extra_tokens = 1 if select_strategy == "default" else 0
     chat_template = tokenizer.chat_template
     if model_type == "llava":

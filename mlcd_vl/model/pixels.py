@@ -30,15 +30,28 @@ class ImageError(ValueError):
     """An image that cannot be used; the message names the file."""
 
 
+RESIZE_MODES = ("shortest_edge", "squash")
+
+
 @dataclass(frozen=True)
 class ProcessorSettings:
-    """The tower's image-processor settings (what `preprocessor_config.json` holds)."""
+    """The tower's image-processor settings (what `preprocessor_config.json` holds).
+
+    `resize_mode` "shortest_edge" is CLIPImageProcessor's resize of the short side + centre crop; "squash" resizes
+    straight to crop_size x crop_size without keeping the aspect (SigLIP's processor, OpenCLIP's `resize_mode="squash"`
+    as DFN5B uses; a CLIP processor with `size={"height": S, "width": S}` and `do_center_crop=False`).
+    """
 
     crop_size: int
     patch_size: int
     shortest_edge: int | None = None  # defaults to crop_size
     mean: tuple[float, float, float] = OPENAI_CLIP_MEAN
     std: tuple[float, float, float] = OPENAI_CLIP_STD
+    resize_mode: str = "shortest_edge"
+
+    def __post_init__(self) -> None:
+        if self.resize_mode not in RESIZE_MODES:
+            raise ValueError(f"unknown resize mode {self.resize_mode!r}; choose one of {RESIZE_MODES}")
 
     @property
     def resize_edge(self) -> int:
@@ -168,7 +181,14 @@ def _normalize(image: Image.Image, settings: ProcessorSettings, out: np.ndarray 
 
 
 def clip_preprocess(image: Image.Image, settings: ProcessorSettings, out: np.ndarray | None = None) -> np.ndarray:
-    """Shortest-edge bicubic resize, centre crop (zero-padded when smaller), rescale, normalise -> [3, S, S]."""
+    """Shortest-edge bicubic resize, centre crop (zero-padded when smaller), rescale, normalise -> [3, S, S].
+
+    With `resize_mode="squash"` the image is resized bicubically to S x S instead (no crop)."""
+    if settings.resize_mode == "squash":
+        size = (settings.crop_size, settings.crop_size)
+        if image.size != size:
+            image = image.resize(size, resample=Image.Resampling.BICUBIC)
+        return _normalize(image, settings, out)
     width, height = image.size
     edge = settings.resize_edge
     short, long = (width, height) if width <= height else (height, width)
