@@ -16,6 +16,7 @@ hidden layer -2 with CLS dropped, `image_newline` starts as randn(h)/sqrt(h) as 
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass, field
 
 import torch
@@ -118,17 +119,38 @@ def load_vision_tower(path: str, dtype: torch.dtype = torch.float32) -> PreTrain
     raise ValueError(f"{path}: unsupported vision tower type {config.model_type!r} (mlcd, clip or siglip expected)")
 
 
-def tower_processor_settings(path: str, tower_config) -> tuple[int, tuple, tuple]:
-    """(crop size, mean, std) from the tower's preprocessor_config.json, falling back to its config."""
+def tower_processor_settings(path: str, tower_config) -> ProcessorSettings:
+    """The image settings in a tower's preprocessor_config.json (crop size, resize mode, mean/std), else defaults.
+
+    A processor with a height/width size and no centre crop (SigLIP's, a converted OpenCLIP "squash" tower's)
+    resizes straight to that size: resize mode "squash"."""
     from transformers import AutoImageProcessor
 
+    patch_size = tower_config.patch_size
     try:
         processor = AutoImageProcessor.from_pretrained(path)
     except (OSError, ValueError):
-        return tower_config.image_size, OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
+        return ProcessorSettings(tower_config.image_size, patch_size)
+    mean, std = tuple(processor.image_mean), tuple(processor.image_std)
+    size = getattr(processor, "size", None)
+    if not getattr(processor, "do_center_crop", False) and getattr(size, "height", None):
+        return ProcessorSettings(int(size.height), patch_size, mean=mean, std=std, resize_mode="squash")
     crop = getattr(processor, "crop_size", None)
     crop_size = crop["height"] if isinstance(crop, dict) else getattr(crop, "height", None) or tower_config.image_size
-    return int(crop_size), tuple(processor.image_mean), tuple(processor.image_std)
+    return ProcessorSettings(int(crop_size), patch_size, mean=mean, std=std)
+
+
+def resolve_tower_path(tower: str, preset: presets.TowerPreset | None = None, allow_pickle: bool = False) -> str:
+    """A folder or hub id transformers loads: OpenCLIP checkpoints (a local folder, or the hub repo of an
+    `open_clip` preset) become a cached CLIPVisionModel folder, converted once (model/openclip.py)."""
+    from mlcd_vl.model import openclip
+
+    path = presets.resolve_tower(tower)
+    from_hub = preset is not None and preset.source_format == "open_clip" and not os.path.isdir(path)
+    if from_hub or openclip.is_open_clip_folder(path):
+        source = openclip.locate(path, allow_pickle=allow_pickle)
+        return str(openclip.converted_tower(source, allow_pickle=allow_pickle))
+    return path
 
 
 def _portable(config: dict) -> dict:
@@ -198,13 +220,14 @@ def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, 
     tokenizer = load_tokenizer(llm_path, spec.template)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
     tower = load_vision_tower(tower_path, dtype=dtype)
-    crop_size, mean, std = tower_processor_settings(tower_path, tower.config)
+    image = tower_processor_settings(tower_path, tower.config)
+    crop_size, mean, std = image.crop_size, image.mean, image.std
     pinpoints = spec.pinpoints if spec.pinpoints is not None else (tower_preset.pinpoints if tower_preset else [])
     settings = VLMSettings(
         image_mode=spec.image_mode, merge_type=spec.merge_type,
         pinpoints=anyres.parse_pinpoints(pinpoints, crop_size) if anyres.is_anyres(spec.image_mode) else [],
         template=spec.template, crop_size=crop_size, patch_size=tower.config.patch_size,
-        image_mean=mean, image_std=std, llm=spec.llm, tower=spec.tower)
+        image_mean=mean, image_std=std, llm=spec.llm, tower=spec.tower, resize_mode=image.resize_mode)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id >= llm.config.vocab_size:
         llm.resize_token_embeddings(len(tokenizer))

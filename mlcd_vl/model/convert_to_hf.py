@@ -66,8 +66,8 @@ def load_tower_info(name: str, src: Path):
         raise _hub_error(name, path, "vision tower", "--vision-tower", src, error) from error
     if config.model_type in ("clip", "siglip"):
         config = config.vision_config
-    crop_size, mean, std = tower_processor_settings(path, config)
-    return path, config, crop_size, mean, std
+    image = tower_processor_settings(path, config)
+    return path, config, image.crop_size, image.mean, image.std
 
 
 # ---------------------------------------------------------------------------------------------------- weights
