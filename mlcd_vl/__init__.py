@@ -5,7 +5,8 @@ The house, floor by floor; a module imports only from its own floor or the floor
 
     0  vocab.py                 shared words: IGNORE_INDEX, <image> and its expansion, the anyres grid type, the
                                 pixel limit
-    1  presets.py, assets/      named towers and LLMs with their upstream grids; bundled files (the demo picture)
+    1  presets.py, assets/      named towers (with their image settings and statistics) and LLMs, the upstream grid;
+                                bundled files (the demo picture)
     2  model/                   build, load and save the VLM, pixels, anyres, chat templates, the tiny preset,
                                 upstream conversion
     3  data/                    records -> samples -> batches (`data.config.DataConfig` owns its settings)

@@ -140,6 +140,21 @@ def tower_processor_settings(path: str, tower_config) -> ProcessorSettings:
     return ProcessorSettings(int(crop_size), patch_size, mean=mean, std=std)
 
 
+_TOWER_MODEL_TYPES = {"mlcd": "mlcd_vision_model", "clip": "clip_vision_model", "siglip": "siglip_vision_model"}
+
+
+def check_tower_fits_preset(tower_config, preset: presets.TowerPreset, source: str) -> None:
+    """The loaded tower is the architecture the preset describes (class, sizes, activation), else a named error."""
+    wrong = [] if tower_config.model_type == _TOWER_MODEL_TYPES[preset.kind] else [
+        f"model type {tower_config.model_type} != {_TOWER_MODEL_TYPES[preset.kind]}"]
+    for field_name in ("image_size", "patch_size", "hidden_size", "hidden_act"):
+        value, expected = getattr(tower_config, field_name, None), getattr(preset, field_name)
+        if value != expected:
+            wrong.append(f"{field_name} {value} != {expected}")
+    if wrong:
+        raise ValueError(f"vision tower {source!r} does not fit preset {preset.name!r}: {'; '.join(wrong)}")
+
+
 def resolve_tower_path(tower: str, preset: presets.TowerPreset | None = None, allow_pickle: bool = False) -> str:
     """A folder or hub id transformers loads: OpenCLIP checkpoints (a local folder, or the hub repo of an
     `open_clip` preset) become a cached CLIPVisionModel folder, converted once (model/openclip.py)."""
@@ -210,30 +225,37 @@ class VLMSpec:
     template: str = "qwen_1_5"
     dtype: str = "float32"
     seed: int | None = 0
+    tower_preset: presets.TowerPreset | None = None  # image settings for a tower given as a folder (e.g. shrunk)
+    allow_pickle: bool = False  # an OpenCLIP tower with only pickle weights may be converted
 
 
 def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
     """A fresh composite with the LLM's and tower's pretrained weights, a new projector and image_newline."""
     dtype = getattr(torch, spec.dtype)
-    llm_path, tower_path = presets.resolve_llm(spec.llm), presets.resolve_tower(spec.tower)
-    tower_preset = presets.tower_preset(spec.tower)
+    tower_preset = spec.tower_preset or presets.tower_preset(spec.tower)
+    llm_path = presets.resolve_llm(spec.llm)
+    tower_path = resolve_tower_path(spec.tower, tower_preset, spec.allow_pickle)
     tokenizer = load_tokenizer(llm_path, spec.template)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
     tower = load_vision_tower(tower_path, dtype=dtype)
-    image = tower_processor_settings(tower_path, tower.config)
-    crop_size, mean, std = image.crop_size, image.mean, image.std
+    if tower_preset is not None:  # the preset's image settings, so a study changes only the tower
+        check_tower_fits_preset(tower.config, tower_preset, spec.tower)
+        image = ProcessorSettings.of_tower(tower_preset)
+        strategy, layer = tower_preset.select_strategy, tower_preset.select_layer
+    else:
+        image = tower_processor_settings(tower_path, tower.config)
+        strategy, layer = ("full" if tower.config.model_type.startswith("siglip") else "default"), -2
     pinpoints = spec.pinpoints if spec.pinpoints is not None else (tower_preset.pinpoints if tower_preset else [])
     settings = VLMSettings(
         image_mode=spec.image_mode, merge_type=spec.merge_type,
-        pinpoints=anyres.parse_pinpoints(pinpoints, crop_size) if anyres.is_anyres(spec.image_mode) else [],
-        template=spec.template, crop_size=crop_size, patch_size=tower.config.patch_size,
-        image_mean=mean, image_std=std, llm=spec.llm, tower=spec.tower, resize_mode=image.resize_mode)
+        pinpoints=anyres.parse_pinpoints(pinpoints, image.crop_size) if anyres.is_anyres(spec.image_mode) else [],
+        template=spec.template, crop_size=image.crop_size, patch_size=tower.config.patch_size,
+        image_mean=image.mean, image_std=image.std, llm=spec.llm, tower=spec.tower, resize_mode=image.resize_mode)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id >= llm.config.vocab_size:
         llm.resize_token_embeddings(len(tokenizer))
-    strategy = tower_preset.select_strategy if tower_preset else (
-        "full" if tower.config.model_type.startswith("siglip") else "default")
-    config = compose_config(llm.config, tower.config, settings, image_token_id, select_strategy=strategy)
+    config = compose_config(llm.config, tower.config, settings, image_token_id, select_strategy=strategy,
+                            select_layer=layer)
     with no_init_weights():
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
     model.model.language_model.load_state_dict(llm.model.state_dict(), assign=True)

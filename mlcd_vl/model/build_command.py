@@ -2,8 +2,10 @@
 
 Example: `mlcd-vl build --llm qwen2.5-7b-instruct --tower mlcd-bigG-448 OUT_DIR`; `mlcd-vl build --tiny OUT_DIR` uses
 a tiny random LLM and tower written locally (CPU tests, demos). `--llm` and `--tower` take a preset name (see
-`mlcd_vl.presets`), a hub id or a local folder. The projector and `image_newline` are new (upstream's init);
-everything else keeps the pretrained weights. The pinpoint grid defaults to the tower preset's upstream grid.
+`mlcd_vl.presets`), a hub id or a local folder; an OpenCLIP tower (`--tower dfn5b-vitH-378`, or a folder with
+`open_clip_config.json`) is converted once to a cached CLIPVisionModel (pickle-only weights need `--allow-pickle`).
+The projector and `image_newline` are new (upstream's init); everything else keeps the pretrained weights. The
+pinpoint grid, feature layer, CLS handling and image settings default to the tower preset's.
 """
 
 from __future__ import annotations
@@ -32,8 +34,10 @@ def check_source(value: str, kind: str) -> None:
         return
     path = Path(value).expanduser()
     if path.exists():
-        if not (path / "config.json").is_file():
-            raise BuildError(f"--{kind} {value!r}: folder has no config.json")
+        open_clip = kind == "tower" and (path / "open_clip_config.json").is_file()
+        if not (path / "config.json").is_file() and not open_clip:
+            raise BuildError(f"--{kind} {value!r}: folder has no config.json"
+                             + (" or open_clip_config.json" if kind == "tower" else ""))
         return
     if _looks_like_path(value):
         raise BuildError(f"--{kind} {value!r}: folder not found")
@@ -51,6 +55,9 @@ def _check_reachable(value: str, kind: str) -> None:
     resolved = presets.resolve_tower(value) if kind == "tower" else presets.resolve_llm(value)
     if Path(resolved).expanduser().exists():
         return
+    preset = presets.tower_preset(value) if kind == "tower" else None
+    if preset is not None and preset.source_format == "open_clip":
+        return  # no transformers config to read: the conversion fetches open_clip_config.json and names failures
     try:
         AutoConfig.from_pretrained(resolved)
     except (OSError, ValueError) as error:
@@ -73,9 +80,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int, default=0, help="seed of the new projector and image_newline")
     parser.add_argument("--tiny", action="store_true",
                         help="use the tiny random LLM and tower (written locally) instead of --llm/--tower")
-    parser.add_argument("--tiny-tower", default="mlcd", choices=("mlcd", "clip"),
+    parser.add_argument("--tiny-tower", default="mlcd", choices=("mlcd", "clip", "siglip"),
                         help="tower format of the tiny preset")
     parser.add_argument("--force", action="store_true", help="write into OUT_DIR even if it holds a model")
+    parser.add_argument("--allow-pickle", action="store_true",
+                        help="let an OpenCLIP tower with only pickle weights (e.g. DFN5B) be converted once "
+                             "(weights_only loading) into a cached safetensors CLIPVisionModel")
 
 
 def build(args: argparse.Namespace) -> Path:
@@ -120,7 +130,8 @@ def build(args: argparse.Namespace) -> Path:
             for value, kind in ((llm, "llm"), (tower, "tower")):
                 _check_reachable(value, kind)
         spec = VLMSpec(llm=llm, tower=tower, image_mode=args.image_mode, merge_type=args.merge,
-                       pinpoints=pinpoints, template=args.template, dtype=args.dtype, seed=args.seed)
+                       pinpoints=pinpoints, template=args.template, dtype=args.dtype, seed=args.seed,
+                       allow_pickle=args.allow_pickle)
         model, tokenizer, settings = build_vlm(spec)
         if args.tiny:
             settings.llm, settings.tower = "tiny", f"tiny-{args.tiny_tower}"

@@ -20,10 +20,8 @@ import torch
 from PIL import Image, ImageFile, ImageOps
 
 from mlcd_vl.model import anyres
+from mlcd_vl.presets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TowerPreset
 from mlcd_vl.vocab import DEFAULT_MAX_PIXELS
-
-OPENAI_CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class ImageError(ValueError):
@@ -52,6 +50,12 @@ class ProcessorSettings:
     def __post_init__(self) -> None:
         if self.resize_mode not in RESIZE_MODES:
             raise ValueError(f"unknown resize mode {self.resize_mode!r}; choose one of {RESIZE_MODES}")
+
+    @classmethod
+    def of_tower(cls, preset: TowerPreset) -> "ProcessorSettings":
+        """The image settings a tower preset trains with (crop, resize mode, mean/std)."""
+        return cls(preset.image_size, preset.patch_size, mean=preset.mean, std=preset.std,
+                   resize_mode=preset.resize_mode)
 
     @property
     def resize_edge(self) -> int:

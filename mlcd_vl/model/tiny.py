@@ -6,7 +6,8 @@ serve) is exercised exactly as with `Qwen/Qwen2.5-7B-Instruct` and `DeepGlint-AI
 - a Qwen2-shaped byte-level BPE tokenizer (Qwen's pre-tokenizer split, `<|endoftext|>`, `<|im_start|>`, `<|im_end|>`)
   trained on a corpus the caller gives (default: a built-in English corpus about colours, shapes and numbers);
 - a Qwen2ForCausalLM of a few layers;
-- an MLCD-style RoPE2D tower (`MLCDVisionModel`) or a CLIP-format tower, with a CLIP image-processor config.
+- an MLCD-style RoPE2D tower (`MLCDVisionModel`), a CLIP-format tower (QuickGELU) or a SigLIP tower (no CLS token),
+  with its image-processor config; `write_preset_tower` makes one with a shrunk tower preset's settings.
 
 `tiny_spec` composes them as a VLM over upstream's five-crop grid at the tiny crop size (`presets.upstream_grid`),
 and `build_tiny_vlm` saves that untrained anyres model as an HF-native folder: what `mlcd-vl build --tiny`, the
@@ -16,17 +17,18 @@ tests (through `tests/conftest.py`) and the benches use.
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
 from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, GenerationConfig, MLCDVisionConfig,
-                          MLCDVisionModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM)
+                          MLCDVisionModel, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM, SiglipImageProcessor,
+                          SiglipVisionConfig, SiglipVisionModel)
 
 from mlcd_vl.model.build import VLMSpec, build_vlm
-from mlcd_vl.model.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
-from mlcd_vl.presets import upstream_grid
+from mlcd_vl.model.pixels import ProcessorSettings
+from mlcd_vl.presets import SIGLIP_MEAN, SIGLIP_STD, TowerPreset, upstream_grid
 
 # Qwen2's pre-tokenizer pattern: contractions, letters, single digits, punctuation runs, whitespace.
 QWEN_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+"
@@ -112,24 +114,54 @@ def write_tiny_llm(folder: str | Path, tokenizer: PreTrainedTokenizerFast, shape
     return folder
 
 
-def write_tiny_tower(folder: str | Path, kind: str = "mlcd", shapes: TinyShapes = TinyShapes(), seed: int = 0) -> Path:
-    """An MLCD RoPE2D tower (`kind="mlcd"`) or a CLIP-format one (`kind="clip"`), with its image-processor config."""
+TINY_TOWER_ACTS = {"mlcd": "gelu", "clip": "quick_gelu", "siglip": "gelu_pytorch_tanh"}  # as the real towers
+
+
+def write_tiny_tower(folder: str | Path, kind: str = "mlcd", shapes: TinyShapes = TinyShapes(), seed: int = 0, *,
+                     image: ProcessorSettings | None = None, hidden_act: str | None = None) -> Path:
+    """A tiny random tower of a real class with its image-processor config: an MLCD RoPE2D tower (`kind="mlcd"`),
+    a CLIP-format one (`"clip"`, QuickGELU) or a SigLIP one without CLS token (`"siglip"`).
+
+    `image` sets the crop size, resize mode and mean/std (default at the tiny size: SigLIP's squash resize and 0.5
+    mean/std for SigLIP, CLIP's shortest-edge resize and statistics for the others)."""
+    if kind not in TINY_TOWER_ACTS:
+        raise ValueError(f"unknown tiny tower kind {kind!r}; use one of {', '.join(TINY_TOWER_ACTS)}")
     folder = Path(folder)
+    if image is None:
+        siglip = dict(mean=SIGLIP_MEAN, std=SIGLIP_STD, resize_mode="squash") if kind == "siglip" else {}
+        image = ProcessorSettings(shapes.image_size, shapes.patch_size, **siglip)
     torch.manual_seed(seed)
     common = dict(hidden_size=shapes.tower_hidden, intermediate_size=shapes.tower_intermediate,
                   num_hidden_layers=shapes.tower_layers, num_attention_heads=shapes.tower_heads,
-                  image_size=shapes.image_size, patch_size=shapes.patch_size, layer_norm_eps=1e-5)
+                  image_size=image.crop_size, patch_size=shapes.patch_size, layer_norm_eps=1e-5,
+                  hidden_act=hidden_act or TINY_TOWER_ACTS[kind])
     if kind == "mlcd":
-        model = MLCDVisionModel(MLCDVisionConfig(hidden_act="gelu", **common))
+        model = MLCDVisionModel(MLCDVisionConfig(**common))
     elif kind == "clip":
-        model = CLIPVisionModel(CLIPVisionConfig(hidden_act="quick_gelu", **common))
+        model = CLIPVisionModel(CLIPVisionConfig(**common))
     else:
-        raise ValueError(f"unknown tiny tower kind {kind!r}; use 'mlcd' or 'clip'")
+        model = SiglipVisionModel(SiglipVisionConfig(**common))
     model.save_pretrained(folder)
-    CLIPImageProcessor(size={"shortest_edge": shapes.image_size},
-                       crop_size={"height": shapes.image_size, "width": shapes.image_size},
-                       image_mean=list(OPENAI_CLIP_MEAN), image_std=list(OPENAI_CLIP_STD)).save_pretrained(folder)
+    crop = {"height": image.crop_size, "width": image.crop_size}
+    processor_kwargs = dict(image_mean=list(image.mean), image_std=list(image.std), resample=3)
+    if kind == "siglip":  # SiglipImageProcessor always resizes straight to its size
+        if image.resize_mode != "squash":
+            raise ValueError("a SigLIP tower's processor resizes to height x width: use resize mode 'squash'")
+        SiglipImageProcessor(size=crop, **processor_kwargs).save_pretrained(folder)
+    elif image.resize_mode == "squash":
+        CLIPImageProcessor(size=crop, crop_size=crop, do_center_crop=False, **processor_kwargs).save_pretrained(folder)
+    else:
+        CLIPImageProcessor(size={"shortest_edge": image.crop_size}, crop_size=crop,
+                           **processor_kwargs).save_pretrained(folder)
     return folder
+
+
+def write_preset_tower(folder: str | Path, preset: TowerPreset, shapes: TinyShapes = TinyShapes(),
+                       seed: int = 0) -> Path:
+    """A tiny random tower of a (shrunk) preset's class, activation and image settings; see `TowerPreset.shrunk`."""
+    shapes = replace(shapes, tower_hidden=preset.hidden_size, patch_size=preset.patch_size)
+    return write_tiny_tower(folder, preset.kind, shapes, seed, image=ProcessorSettings.of_tower(preset),
+                            hidden_act=preset.hidden_act)
 
 
 def write_tiny_assets(root: str | Path, *, corpus: list[str] | None = None, shapes: TinyShapes = TinyShapes(),

@@ -53,7 +53,7 @@ class ModelConfig:
     pinpoints: list[list[int]] | str | None = None  # (width, height) pairs or "(1x1),...,(3x3)"; None: preset grid
     template: str = "qwen_1_5"
     init_from: str | None = None  # stage-1 projector artifact (folder or file) or a checkpoint folder
-    allow_pickle: bool = False  # permit reading upstream's pickled mm_projector.bin (weights_only=True)
+    allow_pickle: bool = False  # permit pickle (weights_only=True): upstream's mm_projector.bin, DFN5B's OpenCLIP tower
     attn_implementation: str = "sdpa"  # sdpa (packed rows: per-sample sdpa_varlen) | sdpa_varlen | eager | flash_attention_2
 
 

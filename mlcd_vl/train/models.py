@@ -39,7 +39,7 @@ def build_model(config: TrainConfig):
     llm, tower = resolve_sources(config)
     spec = VLMSpec(llm=llm, tower=tower, image_mode=config.model.image_mode, merge_type=config.model.merge_type,
                    pinpoints=config.model.pinpoints, template=config.model.template, dtype="float32",
-                   seed=config.seed)
+                   seed=config.seed, allow_pickle=config.model.allow_pickle)
     model, tokenizer, settings = build_vlm(spec)
     settings.llm, settings.tower = config.model.llm, config.model.tower  # provenance as the recipe names them
     model.set_attn_implementation(config.attention)
