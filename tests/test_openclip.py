@@ -170,3 +170,22 @@ def test_resolve_tower_path_converts_open_clip_folders_only(checkpoint, tmp_path
     assert converted.parent == tmp_path / "cache" / "towers" and (converted / "config.json").is_file()
     hf_tower = tiny.write_tiny_tower(tmp_path / "hf-tower", "clip")
     assert resolve_tower_path(str(hf_tower)) == str(hf_tower)
+
+
+def test_dfn5b_config_converts_to_the_preset():
+    """OpenCLIP's own DFN5B ViT-H-14-378 config and preprocessing give the tower the dfn5b preset describes."""
+    from mlcd_vl import presets
+    from mlcd_vl.model.build import check_tower_fits_preset
+
+    pretrained = open_clip.get_pretrained_cfg("ViT-H-14-378-quickgelu", "dfn5b")
+    assert pretrained["hf_hub"].rstrip("/") == presets.TOWERS["dfn5b-vitH-378"].hub_id
+    hub_config = {"model_cfg": open_clip.get_model_config("ViT-H-14-378-quickgelu"),
+                  "preprocess_cfg": {key: pretrained[key] for key in ("mean", "std", "interpolation", "resize_mode")}}
+    config = openclip.vision_config_from_open_clip(hub_config)
+    assert (config.num_hidden_layers, config.hidden_size, config.num_attention_heads) == (32, 1280, 16)
+    assert (config.intermediate_size, config.image_size, config.patch_size) == (5120, 378, 14)
+    preset = presets.TOWERS["dfn5b-vitH-378"]
+    check_tower_fits_preset(config, preset, "DFN5B")
+    processor = openclip.image_processor_from_open_clip(hub_config, config.image_size)
+    assert (processor.do_center_crop, processor.size["height"], processor.size["width"]) == (False, 378, 378)
+    assert (tuple(processor.image_mean), tuple(processor.image_std)) == (preset.mean, preset.std)
