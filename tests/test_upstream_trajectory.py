@@ -35,7 +35,7 @@ import torch
 from safetensors.torch import load_file
 
 import upstream_utils as U
-from mlcd_vl.model import pixels
+from mlcd_vl.model import anyres, pixels
 from mlcd_vl.model.multimodal import expected_tokens
 from mlcd_vl.model.upstream_format import upstream_name
 from mlcd_vl.train import optim
@@ -232,6 +232,13 @@ def replay(trajectory, tmp_path_factory) -> Replay:
     for file in sorted(back.glob("*.safetensors")):
         final.update(load_file(str(file)))
     model, tokenizer, settings = load_vlm(checkpoint, dtype=torch.float32)
+    # upstream's argv may override the checkpoint's image settings; the replay takes them from the checkpoint
+    for flag, ours in (("image_aspect_ratio", settings.image_mode), ("mm_patch_merge_type", settings.merge_type),
+                       ("image_grid_pinpoints", settings.pinpoints)):
+        value = trajectory.argv.get(flag)
+        if value is not None and flag == "image_grid_pinpoints":
+            value = [tuple(pair) for pair in anyres.parse_pinpoints(value, settings.crop_size)]
+        assert value is None or value == ours, f"argv --{flag} {value!r} differs from the checkpoint's {ours!r}"
     return Replay(recording, result, settings, tokenizer, model.config.image_token_id, model,
                   load_file(str(initial_file)), final)
 
