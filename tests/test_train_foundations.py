@@ -346,6 +346,7 @@ def test_learning_rates_per_part(tiny_paths):
     assert [g["lr"] for g in optimizer.param_groups] == [1e-3]
     scheduler = optim.build_scheduler(optimizer, load_config(RECIPES / "tiny_stage1.yaml").optim, total_steps=100)
     assert optim.warmup_steps(100, 0.03) == 3 and optimizer.param_groups[0]["lr"] == 0.0
+    assert optim.warmup_steps(100, 0.03, 7) == 7 and optim.warmup_steps(100, 0.03, 0) == 3  # as TrainingArguments
     for _ in range(3):
         optimizer.step()
         scheduler.step()

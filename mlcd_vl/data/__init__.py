@@ -2,6 +2,7 @@
 
 - `config`: `DataConfig`, the settings of all of it (a recipe's `data:` section, key for key).
 - `sources` (LLaVA JSON/JSONL, YAML mixtures, datasets, presets) -> `samples` (the label builder) -> `dataset`
-  (the torch Dataset and the length scan) -> `samplers` (length grouping, packing) -> `collate` / `packing`
-  (padded or packed batches). `problems`: bad records, skipped with a counted reason; `check`: `mlcd-vl data check`.
+  (the torch Dataset and the length scan) -> `samplers` (length grouping, packing; `order_file`: a listed
+  micro-batch order replayed) -> `collate` / `packing` (padded or packed batches). `problems`: bad records,
+  skipped with a counted reason; `check`: `mlcd-vl data check`.
 """

@@ -34,6 +34,7 @@ class DataConfig:
     group_by_modality: bool = False
     drop_last: bool = False
     num_workers: int = 4
+    order_file: str | None = None  # replay these micro-batches (record ids, `data.order_file`), no sampling
 
     def __post_init__(self) -> None:
         from mlcd_vl.model import anyres
@@ -46,3 +47,5 @@ class DataConfig:
             anyres.validate_image_mode(self.multi_image_mode, "flat")
         if self.packing and self.token_budget is None:
             raise ValueError("packing needs a token budget per row (data.token_budget, e.g. data.max_length)")
+        if self.order_file and self.packing:
+            raise ValueError("data.order_file replays padded micro-batches; it cannot be combined with data.packing")

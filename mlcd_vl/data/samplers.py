@@ -11,6 +11,7 @@ Both yield this rank's micro-batches as lists of dataset indices (`DataLoader(ba
   the global RNG). Consecutive batches go round-robin to ranks, as accelerate deals them.
 * `PackedBatchSampler`: shuffled windows of records, each packed first-fit-decreasing into rows of at most
   `token_budget` tokens; rows are shuffled and dealt round-robin to ranks.
+* `order_file.FixedOrderBatchSampler`: a listed order of micro-batches (`data.order_file`), replayed as is.
 
 Order depends only on (seed, epoch), so every rank computes the same global plan and takes its share. Every rank
 gets the same number of batches (the plan is padded by repeating its first batches, or cut with `drop_last`).
@@ -72,8 +73,10 @@ def modality_length_grouped_indices(lengths, has_image, batch_size: int, world_s
     return [i for mb in megabatches for i in mb]
 
 
-class _ShardedBatchSampler:
+class ShardedBatchSampler:
     """Shared machinery: a global plan per epoch, this rank's round-robin share, resumable position."""
+
+    order_sha256: str | None = None  # set by a sampler replaying a fixed order (`order_file`); checked on resume
 
     def __init__(self, world_size: int = 1, rank: int = 0, seed: int = 0, drop_last: bool = False):
         if not 0 <= rank < world_size:
@@ -114,16 +117,20 @@ class _ShardedBatchSampler:
 
     def state_dict(self, consumed: int | None = None) -> dict:
         """Epoch and batches done on this rank (`consumed` overrides what the sampler has yielded so far)."""
-        return {"epoch": self.epoch, "position": self.position if consumed is None else consumed,
-                "seed": self.seed, "world_size": self.world_size}
+        state = {"epoch": self.epoch, "position": self.position if consumed is None else consumed,
+                 "seed": self.seed, "world_size": self.world_size}
+        return state | ({"order_sha256": self.order_sha256} if self.order_sha256 else {})
 
     def load_state_dict(self, state: dict) -> None:
         if state.get("world_size", self.world_size) != self.world_size or state.get("seed", self.seed) != self.seed:
             raise ValueError("sampler state was saved with another world size or seed; the order would differ")
+        if state.get("order_sha256") != self.order_sha256:
+            raise ValueError("sampler state was saved with another data.order_file (or with none, or without one "
+                             "where this run has one); the order would differ")
         self.epoch, self.position = int(state["epoch"]), int(state["position"])
 
 
-class LengthGroupedBatchSampler(_ShardedBatchSampler):
+class LengthGroupedBatchSampler(ShardedBatchSampler):
     """Upstream's length (and modality) grouping over exact token counts; `batch_size` is per device."""
 
     def __init__(self, lengths: np.ndarray, has_image: np.ndarray, batch_size: int, *, world_size: int = 1,
@@ -145,7 +152,7 @@ class LengthGroupedBatchSampler(_ShardedBatchSampler):
         return [order[i:i + self.batch_size] for i in range(0, len(order), self.batch_size)]
 
 
-class PackedBatchSampler(_ShardedBatchSampler):
+class PackedBatchSampler(ShardedBatchSampler):
     """Rows of at most `token_budget` tokens, packed first-fit-decreasing inside shuffled windows of records."""
 
     def __init__(self, lengths: np.ndarray, token_budget: int, *, window: int = 4096, world_size: int = 1,

@@ -2,10 +2,11 @@
 
 - `config`: `TrainConfig` (its `data` section is `data.config.DataConfig`), YAML recipes with dotted overrides, the
   resolved-config file; what the settings mean for a run (stage, attention, block mask) is decided there, once.
-- `models`: the recipe's VLM (sources, the `tiny` preset, attention, the stage-1 projector).
+- `models`: the recipe's VLM (sources, the `tiny` preset, attention, the stage-1 projector, or a checkpoint to
+  continue from).
 - `optim`: freezing by upstream's tunable parts, per-part LRs, AdamW + schedule, parameter counts, the projector
   artifact (ours and upstream's `mm_projector.bin`). `lora`: LoRA adapters on the LLM and their merge.
-- `loader`: dataset, length scan, sampler, collator, DataLoader.
+- `loader`: dataset, length scan, sampler (or `data.order_file`'s replayed order), collator, DataLoader.
 - `loss`: shifted token cross-entropy and its normalisation over a whole optimizer step (or upstream's).
 - `step`: the `TrainBatch` contract, `forward_loss`, `TrainingForward` (what DDP / DeepSpeed wrap) and
   `optimizer_step`.

@@ -12,6 +12,7 @@ learning rate chosen) is written back as YAML and loads again to an equal config
 Defaults follow the upstream MLCD recipe (reference-spec 5.2) with two visible departures, each a single setting
 that reproduces upstream when set: `optim.max_grad_norm` 1.0 (upstream silently trained unclipped: 0 or None),
 `optim.loss_normalisation` "global" (token mean over the whole optimizer step; "upstream" = per-micro-batch mean).
+The README's "same experiment as upstream" lists every switch that restores upstream's optimizer step.
 `model.llm` / `model.tower` take a preset name, hub id or folder; the value `tiny` means the locally written tiny
 preset (`mlcd_vl.model.tiny`).
 
@@ -38,6 +39,10 @@ from mlcd_vl.data.config import DataConfig
 RESOLVED_CONFIG_FILE = "train_config.yaml"
 TUNABLE_PARTS = ("mm_mlp_adapter", "mm_vision_tower", "mm_language_model")
 STAGE1_LR, STAGE2_LR = 1e-3, 1e-5
+# The overrides that make our optimizer step upstream's where we differ on purpose (README "Same experiment as
+# upstream"); tests/test_upstream_trajectory.py replays upstream's own trainer with these and the run's settings.
+UPSTREAM_STEP_OVERRIDES = ("optim.loss_normalisation=upstream", "data.label_mode=upstream", "optim.max_grad_norm=0",
+                           "optim.no_decay_rule=upstream", "data.upstream_image_convert=true")
 
 
 class ConfigError(ValueError):
@@ -53,6 +58,7 @@ class ModelConfig:
     pinpoints: list[list[int]] | str | None = None  # (width, height) pairs or "(1x1),...,(3x3)"; None: preset grid
     template: str = "qwen_1_5"
     init_from: str | None = None  # stage-1 projector artifact (folder or file) or a checkpoint folder
+    checkpoint: str | None = None  # an HF-native VLM folder to continue from (all weights, tokenizer, image settings)
     allow_pickle: bool = False  # permit pickle (weights_only=True): upstream's mm_projector.bin, DFN5B's OpenCLIP tower
     attn_implementation: str = "sdpa"  # sdpa (packed rows: per-sample sdpa_varlen) | sdpa_varlen | eager | flash_attention_2
 
@@ -62,11 +68,13 @@ class OptimConfig:
     lr: float | None = None  # None: 1e-3 when only the projector trains (stage 1), else 1e-5
     vision_tower_lr: float | None = 2e-6  # None: lr
     projector_lr: float | None = None  # None: lr
-    weight_decay: float = 0.0  # when > 0, biases and 1-D params (norms, image_newline) are not decayed
+    weight_decay: float = 0.0  # when > 0, the no_decay_rule's parameters are not decayed
+    no_decay_rule: str = "default"  # default (biases, 1-D tensors) | upstream (biases, nn.LayerNorm; LLaVATrainer)
     adam_betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     adam_eps: float = 1e-8
     lr_scheduler: str = "cosine"  # cosine | linear | constant_with_warmup
     warmup_ratio: float = 0.03
+    warmup_steps: int | None = None  # when > 0, overrides warmup_ratio (as transformers' TrainingArguments)
     max_grad_norm: float | None = 1.0  # 0 or None: no clipping (upstream's MLCD runs)
     loss_normalisation: str = "global"  # global (tokens of the whole step) | upstream (per micro-batch mean)
     num_epochs: float = 1.0
@@ -162,6 +170,7 @@ class TrainConfig:
 CHOICES = {
     "optim.lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "optim.loss_normalisation": ("global", "upstream"),
+    "optim.no_decay_rule": ("default", "upstream"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "report_to": ("none", "tensorboard", "wandb"),
     "model.merge_type": ("flat", "spatial_unpad"),
@@ -322,6 +331,10 @@ def validate(config: TrainConfig) -> TrainConfig:
         raise ConfigError(f"optim.warmup_ratio: must lie in [0, 1), got {config.optim.warmup_ratio}")
     if len(config.optim.adam_betas) != 2:
         raise ConfigError(f"optim.adam_betas: expected two values, got {config.optim.adam_betas}")
+    if config.optim.warmup_steps is not None and config.optim.warmup_steps < 0:
+        raise ConfigError(f"optim.warmup_steps: must not be negative, got {config.optim.warmup_steps}")
+    if config.model.checkpoint and config.model.init_from:
+        raise ConfigError("model.init_from: a run continuing from model.checkpoint already has its projector")
     if config.optim.lr is None:
         config.optim.lr = STAGE1_LR if config.stage1 else STAGE2_LR
     return config

@@ -1,4 +1,5 @@
-"""The recipe's data: dataset, exact length scan, sampler (length-grouped or packed), collator and DataLoader.
+"""The recipe's data: dataset, exact length scan, sampler (length-grouped, packed or a replayed order file),
+collator and DataLoader.
 
 The samplers shard the data themselves (every rank computes the same global plan and takes its share), so the
 DataLoader is NOT passed to `accelerator.prepare` (it would shard a second time).
@@ -14,6 +15,7 @@ import torch
 from mlcd_vl.data.collate import PaddingCollator
 from mlcd_vl.data.dataset import LengthTable, SupervisedDataset
 from mlcd_vl.data.dataset import scan as scan_lengths
+from mlcd_vl.data.order_file import FixedOrderBatchSampler
 from mlcd_vl.data.packing import PackingCollator
 from mlcd_vl.data.problems import ProblemLog
 from mlcd_vl.data.samplers import LengthGroupedBatchSampler, PackedBatchSampler
@@ -25,7 +27,7 @@ from mlcd_vl.train.config import TrainConfig
 class Data:
     dataset: SupervisedDataset
     table: LengthTable
-    sampler: LengthGroupedBatchSampler | PackedBatchSampler
+    sampler: LengthGroupedBatchSampler | PackedBatchSampler | FixedOrderBatchSampler
     loader: torch.utils.data.DataLoader
     scan_log: ProblemLog
 
@@ -48,7 +50,11 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
         table = LengthTable.load(str(table_path))
     if not len(table.valid):
         raise ValueError(f"{config.data.train}: no usable record ({scan_log.summary()})")
-    if config.data.packing:
+    if config.data.order_file:
+        sampler = FixedOrderBatchSampler.from_file(config.data.order_file, dataset.records, world_size=world_size,
+                                                   rank=rank, seed=config.seed, drop_last=config.data.drop_last)
+        collator = PaddingCollator.for_model(tokenizer)
+    elif config.data.packing:
         sampler = PackedBatchSampler(table.lengths, config.data.token_budget, world_size=world_size, rank=rank,
                                      seed=config.seed, drop_last=config.data.drop_last)
         collator = PackingCollator.for_model(tokenizer, build_4d_mask=config.packed_4d_mask)

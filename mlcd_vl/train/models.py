@@ -1,4 +1,5 @@
-"""The recipe's VLM: where the LLM and the tower come from, the composite, its attention and the stage-1 projector.
+"""The recipe's VLM: where the LLM and the tower come from, the composite, its attention and the stage-1 projector
+(or, with `model.checkpoint`, an HF-native VLM folder continued as it is).
 
 `model.llm` / `model.tower` take a preset name, hub id or folder; `tiny` is the locally written tiny preset
 (`model.tiny`, under `$MLCD_VL_TINY_DIR` or `<output_dir>/tiny-assets`). The attention implementation is the one
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+
+import torch
 
 from mlcd_vl.model.build import VLMSpec, build_vlm
 from mlcd_vl.train import optim
@@ -32,16 +35,22 @@ def resolve_sources(config: TrainConfig) -> tuple[str, str]:
 
 
 def build_model(config: TrainConfig):
-    """The composite for this stage, the stage-1 projector loaded when `model.init_from` is set.
+    """The composite for this stage, the stage-1 projector loaded when `model.init_from` is set; or, with
+    `model.checkpoint`, that HF-native folder as it is (weights, tokenizer and image settings).
 
     Returns (model, tokenizer, settings, projector file read or None).
     """
-    llm, tower = resolve_sources(config)
-    spec = VLMSpec(llm=llm, tower=tower, image_mode=config.model.image_mode, merge_type=config.model.merge_type,
-                   pinpoints=config.model.pinpoints, template=config.model.template, dtype="float32",
-                   seed=config.seed, allow_pickle=config.model.allow_pickle)
-    model, tokenizer, settings = build_vlm(spec)
-    settings.llm, settings.tower = config.model.llm, config.model.tower  # provenance as the recipe names them
+    if config.model.checkpoint:
+        from mlcd_vl.model.checkpoint import load_vlm
+
+        model, tokenizer, settings = load_vlm(config.model.checkpoint, dtype=torch.float32)
+    else:
+        llm, tower = resolve_sources(config)
+        spec = VLMSpec(llm=llm, tower=tower, image_mode=config.model.image_mode, merge_type=config.model.merge_type,
+                       pinpoints=config.model.pinpoints, template=config.model.template, dtype="float32",
+                       seed=config.seed, allow_pickle=config.model.allow_pickle)
+        model, tokenizer, settings = build_vlm(spec)
+        settings.llm, settings.tower = config.model.llm, config.model.tower  # provenance as the recipe names them
     model.set_attn_implementation(config.attention)
     origin = None
     if config.model.init_from:

@@ -11,9 +11,12 @@ Parts (upstream `mm_tunable_parts`, reference-spec 5.3 step 7), on transformers'
 
 A name belongs to a part by its dotted components, so wrappers that add prefixes (PEFT's `base_model.model.`)
 keep working. Optimizer groups: the vision tower at `vision_tower_lr`, the projector at `projector_lr`, everything
-else at `lr` (None = `lr`, as upstream); with weight decay > 0, biases and 1-D tensors (norm weights,
-`image_newline`, class embeddings) go to a no-decay group of the same part. Only trainable parameters enter the
-optimizer. Counts read `ds_numel` / `ds_shape` when present, so they are right for ZeRO-3-partitioned models.
+else at `lr` (None = `lr`, as upstream); with weight decay > 0, the parameters `optim.no_decay_rule` exempts go to
+a no-decay group of the same part: by default biases and 1-D tensors (norm weights, `image_newline`, class
+embeddings); with "upstream", LLaVATrainer.create_optimizer's rule (transformers 4.44): names containing "bias" and
+the parameters of `nn.LayerNorm` modules, so RMSNorm weights, `image_newline` and class embeddings are decayed.
+Only trainable parameters enter the optimizer. Counts read `ds_numel` / `ds_shape` when present, so they are right
+for ZeRO-3-partitioned models.
 
 The projector artifact of stage 1 is `projector.safetensors` (keys `model.multi_modal_projector.linear_{1,2}.*`);
 `load_projector` also reads upstream's pickled `mm_projector.bin` (keys `model.mm_projector.{0,2}.*`, only with
@@ -150,19 +153,32 @@ def part_learning_rates(optim: OptimConfig) -> dict[str, float]:
             "language_model": base}
 
 
-def _no_decay(name: str, param: torch.Tensor) -> bool:
-    return name.endswith(".bias") or _ndim(param) < 2
+def layer_norm_parameters(model: nn.Module) -> set[str]:
+    """Names of the parameters that live in `nn.LayerNorm` modules (transformers 4.44's ALL_LAYERNORM_LAYERS)."""
+    return {f"{module_name}.{name}" if module_name else name
+            for module_name, module in model.named_modules() if isinstance(module, nn.LayerNorm)
+            for name, _ in module.named_parameters()}
+
+
+def no_decay_names(model: nn.Module, rule: str = "default") -> set[str]:
+    """Parameters exempt from weight decay under `rule` ("default" or "upstream", see the module docstring)."""
+    if rule == "upstream":
+        return {name for name, _ in model.named_parameters() if "bias" in name} | layer_norm_parameters(model)
+    if rule == "default":
+        return {name for name, param in model.named_parameters() if name.endswith(".bias") or _ndim(param) < 2}
+    raise ValueError(f"no-decay rule {rule!r} is not one of default, upstream")
 
 
 def build_param_groups(model: nn.Module, optim: OptimConfig) -> list[dict]:
     """Optimizer groups named `<part>` or `<part>.no_decay`, each with its own lr; trainable parameters only."""
     rates = part_learning_rates(optim)
+    exempt_names = no_decay_names(model, optim.no_decay_rule) if optim.weight_decay > 0 else set()
     groups: dict[str, dict] = {}
     for name, param in model.named_parameters():
         if not param.requires_grad:
             continue
         part = module_part(name)
-        exempt = optim.weight_decay > 0 and _no_decay(name, param)
+        exempt = name in exempt_names
         key = f"{part}.no_decay" if exempt else part
         group = groups.setdefault(key, {"name": key, "params": [], "param_names": [], "lr": rates[part],
                                         "weight_decay": 0.0 if exempt else optim.weight_decay})
@@ -183,17 +199,16 @@ def build_optimizer(model: nn.Module, optim: OptimConfig) -> torch.optim.AdamW:
                              weight_decay=optim.weight_decay)
 
 
-def warmup_steps(total_steps: int, warmup_ratio: float) -> int:
-    """As transformers' TrainingArguments: ceil(total x ratio)."""
-    return math.ceil(total_steps * warmup_ratio)
+def warmup_steps(total_steps: int, warmup_ratio: float, fixed: int | None = None) -> int:
+    """As transformers' TrainingArguments.get_warmup_steps: `fixed` when > 0, else ceil(total x ratio)."""
+    return fixed if fixed else math.ceil(total_steps * warmup_ratio)
 
 
 def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_steps: int):
     from transformers import get_scheduler
 
-    return get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=warmup_steps(total_steps,
-                                                                                      optim.warmup_ratio),
-                         num_training_steps=total_steps)
+    warmup = warmup_steps(total_steps, optim.warmup_ratio, optim.warmup_steps)
+    return get_scheduler(optim.lr_scheduler, optimizer, num_warmup_steps=warmup, num_training_steps=total_steps)
 
 
 # ----------------------------------------------------------------------------------------------------------------

@@ -32,6 +32,7 @@ import argparse
 import json
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -50,11 +51,16 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlcd_vl.train.config import load_config
+    from mlcd_vl.data.order_file import OrderFileError
+    from mlcd_vl.train.config import ConfigError, load_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    result = train(load_config(args.recipe, args.overrides))
+    try:
+        result = train(load_config(args.recipe, args.overrides))
+    except (ConfigError, OrderFileError) as error:
+        print(f"mlcd-vl train: error: {error}", file=sys.stderr)
+        return 2
     if result.history:  # the main process
         print(f"done: {result.output_dir} after {result.steps} optimizer step(s)")
     return 0
@@ -124,6 +130,8 @@ def train(config) -> TrainResult:
         vlm, tokenizer, settings, origin = models.build_model(config)
     if origin:
         say(f"projector loaded from {origin}")
+    if config.model.checkpoint:
+        say(f"continuing from {config.model.checkpoint} (its weights, tokenizer and image settings)")
 
     # 3. What trains, optimizer ------------------------------------------------------------------------------------
     optim.apply_tunable_parts(vlm, config.tunable_parts)
@@ -147,6 +155,8 @@ def train(config) -> TrainResult:
     if config.data.packing:
         say(f"packing: rows of <= {config.data.token_budget} tokens, {config.text_attention} attention per sample"
             + (" through a 4D block-diagonal mask (O(T^2) memory)" if config.packed_4d_mask else ""))
+    if config.data.order_file:
+        say(f"data order replayed from {config.data.order_file}")
     if main and data.scan_log.total:
         say(data.scan_log.summary("left out by the length scan"))
     micro_per_epoch = len(data.sampler)
