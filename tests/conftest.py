@@ -33,6 +33,20 @@ def manifest(vectors_dir: Path) -> dict:
     return json.loads((vectors_dir / "manifest.json").read_text())
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _data_cache(tmp_path_factory):
+    """The data cache (record indices, length tables, manifests) in a temporary folder, never the user's own."""
+    from mlcd_vl.data.cache import CACHE_ENV
+
+    previous = os.environ.get(CACHE_ENV)
+    os.environ[CACHE_ENV] = str(tmp_path_factory.mktemp("data-cache"))
+    yield
+    if previous is None:
+        os.environ.pop(CACHE_ENV, None)
+    else:
+        os.environ[CACHE_ENV] = previous
+
+
 @pytest.fixture(autouse=True)
 def _deterministic_torch():
     torch.manual_seed(0)

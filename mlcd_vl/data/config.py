@@ -19,6 +19,7 @@ class DataConfig:
     train: str = ""  # file, brace list, YAML mixture, datasets folder or preset (lcs-558k, llava-next-780k)
     image_folder: str | None = None
     preset_dir: str | None = None  # local folder holding a preset dataset (else downloaded)
+    cache_dir: str | None = None  # record indices, length tables, manifests (`data.cache`); None: default, "off"
     # records -> samples
     max_length: int = 32768  # tokens after <image> expansion; upstream model_max_length
     template: str | None = None  # None: the model's template

@@ -38,8 +38,11 @@ class SupervisedDataset(torch.utils.data.Dataset):
     @classmethod
     def from_config(cls, config: DataConfig, tokenizer, settings: VLMSettings, seed: int = 0) -> "SupervisedDataset":
         """Over `config.train`; `seed` draws mixture subsets (the same on every rank and resume)."""
-        return cls(open_source(config.train, config.image_folder, seed=seed, preset_dir=config.preset_dir),
-                   tokenizer, settings, config)
+        from mlcd_vl.data.cache import resolve_cache_dir
+
+        records = open_source(config.train, config.image_folder, seed=seed, preset_dir=config.preset_dir,
+                              cache_dir=resolve_cache_dir(config.cache_dir))
+        return cls(records, tokenizer, settings, config)
 
     @property
     def load_problems(self) -> list[SkippedRecord]:

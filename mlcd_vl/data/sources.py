@@ -1,9 +1,9 @@
 """Where records come from: LLaVA JSON / JSONL, Hugging Face datasets (on disk or parquet), YAML mixtures, presets.
 
 Every source is a random-access sequence of `SourceRecord`s (the record dict, the image folder its relative paths
-are resolved against, and where it came from). Sources are cheap to pickle into DataLoader workers: JSON records are
-kept as one byte buffer plus offsets (no per-record Python objects to copy on fork), Hugging Face datasets are
-memory-mapped Arrow tables.
+are resolved against, and where it came from). Sources are cheap to pickle into DataLoader workers: JSON / JSONL
+files are memory-mapped and parsed record by record through a byte-offset index (`json_index`, cached on disk when
+given a cache folder), Hugging Face datasets are memory-mapped Arrow tables.
 
 `open_source(spec, ...)` accepts a file (`.json`, `.jsonl`, `.parquet`, `.yaml`), a brace list
 (`/data/{a,b}.json`), a `datasets.save_to_disk` folder, or a preset name (`DATASET_PRESETS`: LCS-558K
@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlcd_vl.data.problems import Problem, SkippedRecord
+from mlcd_vl.data.problems import SkippedRecord
 
 
 @dataclass(frozen=True)
@@ -53,36 +53,36 @@ class RecordSource:
 
 
 class JsonRecords(RecordSource):
-    """LLaVA records from a JSON list or a JSONL file, stored as one compact UTF-8 buffer."""
+    """LLaVA records from a JSON list or a JSONL file, parsed lazily from the memory-mapped file (`json_index`).
 
-    def __init__(self, path: str | os.PathLike, image_folder: str | None = None):
+    With `cache_dir` the byte-offset index is built once and shared through `<cache_dir>/records/`; without it the
+    index is built in memory. Pickles small: the file and the index are mapped again in the receiving process.
+    """
+
+    def __init__(self, path: str | os.PathLike, image_folder: str | None = None,
+                 cache_dir: str | os.PathLike | None = None):
+        from mlcd_vl.data.json_index import cached_index
+
         self.path, self.name, self.image_folder = str(path), Path(path).name, image_folder
-        self.load_problems = []
-        text = Path(path).read_text(encoding="utf-8")
-        if Path(path).suffix == ".jsonl" or not text.lstrip().startswith("["):
-            records = []
-            for number, line in enumerate(text.splitlines(), start=1):
-                if not line.strip():
-                    continue
-                try:
-                    records.append(json.loads(line))
-                except json.JSONDecodeError as error:
-                    self.load_problems.append(SkippedRecord(f"{self.name}:line {number}", Problem.BAD_RECORD,
-                                                            f"malformed JSON ({error.msg})"))
-        else:
-            records = json.loads(text)
-            if not isinstance(records, list):
-                raise ValueError(f"{path}: expected a JSON list of records")
-        encoded = [json.dumps(r, ensure_ascii=False).encode("utf-8") for r in records]
-        self.offsets = np.cumsum([0] + [len(e) for e in encoded], dtype=np.int64)
-        self.buffer = np.frombuffer(b"".join(encoded), dtype=np.uint8)
+        self.paths = [self.path]
+        self.index = cached_index(path, cache_dir)
+        self.ranges, self.load_problems = self.index.ranges, self.index.problems
+        self._bytes: np.ndarray | None = None
+
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        state["_bytes"] = None  # mapped again on first access
+        return state
 
     def __len__(self) -> int:
-        return len(self.offsets) - 1
+        return len(self.ranges)
 
     def record(self, index: int) -> dict:
-        start, end = self.offsets[index], self.offsets[index + 1]
-        return json.loads(self.buffer[start:end].tobytes())
+        if self._bytes is None:
+            empty = os.path.getsize(self.path) == 0
+            self._bytes = np.zeros(0, np.uint8) if empty else np.memmap(self.path, dtype=np.uint8, mode="r")
+        start, end = self.ranges[index]
+        return json.loads(self._bytes[start:end].tobytes().decode("utf-8"))
 
 
 class HFRecords(RecordSource):
@@ -95,19 +95,24 @@ class HFRecords(RecordSource):
             dataset = dataset.cast_column("image", ImageFeature(decode=False))
         self.dataset, self.name, self.image_folder = dataset, name, image_folder
         self.load_problems = []
+        self.paths: list[str] = []  # the files it was read from (for the data manifest)
 
     @classmethod
     def from_disk(cls, folder: str, image_folder: str | None = None) -> "HFRecords":
         from datasets import load_from_disk
 
-        return cls(load_from_disk(folder), Path(folder).name, image_folder)
+        source = cls(load_from_disk(folder), Path(folder).name, image_folder)
+        source.paths = [folder]
+        return source
 
     @classmethod
     def from_parquet(cls, files: list[str], image_folder: str | None = None) -> "HFRecords":
         from datasets import Dataset
 
         dataset = Dataset.from_parquet(sorted(files) if len(files) > 1 else files[0])
-        return cls(dataset, Path(files[0]).parent.name if len(files) > 1 else Path(files[0]).name, image_folder)
+        source = cls(dataset, Path(files[0]).parent.name if len(files) > 1 else Path(files[0]).name, image_folder)
+        source.paths = sorted(files)
+        return source
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -117,10 +122,11 @@ class HFRecords(RecordSource):
 
 
 class SubsetRecords(RecordSource):
-    """Selected indices of another source (a mixture entry)."""
+    """Selected indices of another source (a mixture entry, drawn by `strategy`)."""
 
-    def __init__(self, source: RecordSource, indices: np.ndarray, image_folder: str | None = None):
-        self.source, self.indices = source, np.asarray(indices, dtype=np.int64)
+    def __init__(self, source: RecordSource, indices: np.ndarray, image_folder: str | None = None,
+                 strategy: str = ""):
+        self.source, self.indices, self.strategy = source, np.asarray(indices, dtype=np.int64), strategy
         self.image_folder = image_folder if image_folder is not None else source.image_folder
         self.name, self.load_problems = source.name, source.load_problems
 
@@ -178,8 +184,11 @@ def expand_braces(spec: str) -> list[str]:
     return [spec[: match.start()] + part + spec[match.end():] for part in match.group(1).split(",")]
 
 
-def open_file(path: str, image_folder: str | None) -> RecordSource:
-    """One file or folder: JSON / JSONL, parquet (file or folder of parquet files), or a save_to_disk folder."""
+def open_file(path: str, image_folder: str | None, cache_dir: str | os.PathLike | None = None) -> RecordSource:
+    """One file or folder: JSON / JSONL, parquet (file or folder of parquet files), or a save_to_disk folder.
+
+    `cache_dir`: where JSON / JSONL byte-offset indices are cached (`json_index`); None builds them in memory.
+    """
     target = Path(path)
     if target.is_dir():
         if (target / "dataset_info.json").is_file() or (target / "dataset_dict.json").is_file():
@@ -194,10 +203,11 @@ def open_file(path: str, image_folder: str | None) -> RecordSource:
         return HFRecords.from_parquet([str(target)], image_folder)
     if target.suffix in (".yaml", ".yml"):
         raise ValueError(f"{path}: nested YAML mixtures are not supported")
-    return JsonRecords(target, image_folder)
+    return JsonRecords(target, image_folder, cache_dir)
 
 
-def open_mixture(path: str, image_folder: str | None, seed: int) -> RecordSource:
+def open_mixture(path: str, image_folder: str | None, seed: int,
+                 cache_dir: str | os.PathLike | None = None) -> RecordSource:
     """An upstream YAML mixture; entry paths are taken relative to the YAML's folder when they exist there."""
     import yaml
 
@@ -212,9 +222,10 @@ def open_mixture(path: str, image_folder: str | None, seed: int) -> RecordSource
             raise ValueError(f"{path}: entry {number} has no json_path")
         beside = Path(path).parent / data_path
         resolved = str(beside) if not os.path.isabs(data_path) and beside.exists() else data_path
-        source = open_file(resolved, entry.get("image_folder", image_folder))
-        indices = sample_indices(entry.get("sampling_strategy", "all"), len(source), seed, f"{number}:{data_path}")
-        parts.append(SubsetRecords(source, indices))
+        source = open_file(resolved, entry.get("image_folder", image_folder), cache_dir)
+        strategy = entry.get("sampling_strategy", "all")
+        indices = sample_indices(strategy, len(source), seed, f"{number}:{data_path}")
+        parts.append(SubsetRecords(source, indices, strategy=str(strategy)))
     return ConcatRecords(parts, Path(path).name)
 
 
@@ -241,7 +252,7 @@ def find_preset(spec: str) -> DatasetPreset | None:
     return DATASET_PRESETS.get(key) or next((p for p in DATASET_PRESETS.values() if p.repo_id == key), None)
 
 
-def open_preset(spec: str, local_dir: str | None = None) -> RecordSource:
+def open_preset(spec: str, local_dir: str | None = None, cache_dir: str | os.PathLike | None = None) -> RecordSource:
     """A preset from `local_dir` when it holds the files, else downloaded on demand with huggingface_hub."""
     preset = find_preset(spec)
     if preset is None:
@@ -261,17 +272,20 @@ def open_preset(spec: str, local_dir: str | None = None) -> RecordSource:
             with zipfile.ZipFile(root / preset.images_zip) as archive:
                 archive.extractall(root / "images.partial")
             os.replace(root / "images.partial", root / "images")
-    return open_file(str(root / preset.records), image_folder)
+    return open_file(str(root / preset.records), image_folder, cache_dir)
 
 
-def open_source(spec: str, image_folder: str | None = None, *, seed: int = 0,
-                preset_dir: str | None = None) -> RecordSource:
-    """Records for a data spec: file, folder, brace list, YAML mixture or preset name (see module docstring)."""
+def open_source(spec: str, image_folder: str | None = None, *, seed: int = 0, preset_dir: str | None = None,
+                cache_dir: str | os.PathLike | None = None) -> RecordSource:
+    """Records for a data spec: file, folder, brace list, YAML mixture or preset name (see module docstring).
+
+    `cache_dir` (a resolved folder, see `data.cache`): where JSON / JSONL indices are cached; None: in memory.
+    """
     if not os.path.exists(spec) and find_preset(spec) is not None:
-        return open_preset(spec, local_dir=preset_dir)
+        return open_preset(spec, local_dir=preset_dir, cache_dir=cache_dir)
     paths = expand_braces(spec)
     if len(paths) > 1:
-        return ConcatRecords([open_file(p, image_folder) for p in paths], Path(spec).name)
+        return ConcatRecords([open_file(p, image_folder, cache_dir) for p in paths], Path(spec).name)
     if Path(spec).suffix in (".yaml", ".yml"):
-        return open_mixture(spec, image_folder, seed)
-    return open_file(spec, image_folder)
+        return open_mixture(spec, image_folder, seed, cache_dir)
+    return open_file(spec, image_folder, cache_dir)
