@@ -15,7 +15,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "build": ("mlcd_vl.model.build_command", "compose a fresh VLM from an LLM and a vision tower"),
     "convert": ("mlcd_vl.model.convert", "convert upstream LLaVA checkpoints to HF-native folders and back"),
     "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),
-    "data": ("mlcd_vl.data.check", "check a training dataset and report every problem by record"),
+    "data": ("mlcd_vl.data.check", "check a training dataset, or pin it with a manifest (data check / manifest)"),
     "train": ("mlcd_vl.train.run", "train a VLM from a recipe (stage 1 projector, stage 2 full)"),
     "eval": ("mlcd_vl.eval.cli", "evaluate with lmms-eval: summarize results, synthetic sets, offline tasks"),
     "chat": ("mlcd_vl.serve.cli_chat", "multi-turn terminal chat with images and streaming"),

@@ -5,6 +5,9 @@ truncation rules), with every image fully decoded (`--headers-only` reads just t
 processes with a progress bar. The report gives counts per problem with example record ids, token-length and
 visual-token statistics, a histogram of sequence lengths (PNG) and everything as JSON. The exit code is 1 when any
 record would be skipped, so the command can gate a training launch.
+
+`data manifest DATA` writes the data manifest (what a run sees, pinned by hash) and `data check --manifest M`
+verifies that local data is the dataset it describes (`manifest_cli`).
 """
 
 from __future__ import annotations
@@ -15,12 +18,18 @@ import os
 import tempfile
 from pathlib import Path
 
+from mlcd_vl.data import manifest_cli
+
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
-    check = commands.add_parser("check", help="scan a dataset and report every problem by record")
-    check.add_argument("data", help="JSON/JSONL file, parquet, saved HF dataset, YAML mixture or preset name")
-    model = check.add_mutually_exclusive_group(required=True)
+    check = commands.add_parser("check", help="scan a dataset and report every problem by record; with --manifest, "
+                                              "verify it is the dataset the manifest describes")
+    check.add_argument("data", nargs="?", help="JSON/JSONL file, parquet, saved HF dataset, YAML mixture or preset "
+                                               "name (with --manifest: default the manifest's)")
+    check.add_argument("--manifest", help="a data manifest (`data manifest`): verify the data against it, exit 1 and "
+                                          "name each difference; without --model/--tiny nothing else is checked")
+    model = check.add_mutually_exclusive_group()
     model.add_argument("--model", help="a saved mlcd-vl / LLaVA model folder (tokenizer and image settings)")
     model.add_argument("--tiny", action="store_true", help="use the tiny preset's tokenizer and image settings")
     check.add_argument("--tiny-dir", default=os.path.join(tempfile.gettempdir(), "mlcd_vl_tiny"),
@@ -34,6 +43,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
     check.add_argument("--seed", type=int, default=0, help="seed of random mixture subsets")
     check.add_argument("--out", default="data-check", help="folder for report.json and lengths.png")
+    manifest_cli.add_common(check)
+    manifest_cli.add_parser(commands)
 
 
 def _model_inputs(args):
@@ -121,8 +132,15 @@ def build_report(args, table, log, dataset) -> dict:
 
 
 def run(args) -> int:
-    if getattr(args, "data_command", None) != "check":
-        print("usage: mlcd-vl data check DATA (--model DIR | --tiny) [options]; see `mlcd-vl data check -h`")
+    command = getattr(args, "data_command", None)
+    if command == "manifest":
+        return manifest_cli.write(args)
+    verified = manifest_cli.verify(args) if command == "check" and args.manifest else 0
+    if command == "check" and args.manifest and not (args.model or args.tiny):
+        return verified
+    if command != "check" or not args.data or not (args.model or args.tiny):
+        print("usage: mlcd-vl data check DATA (--model DIR | --tiny) [--manifest M] [options] | "
+              "mlcd-vl data manifest DATA [options]; see `mlcd-vl data check -h`")
         return 2
     from mlcd_vl.data.dataset import SupervisedDataset, scan
     from mlcd_vl.data.problems import ProblemLog
@@ -130,7 +148,7 @@ def run(args) -> int:
 
     tokenizer, settings = _model_inputs(args)
     config = DataConfig(train=args.data, image_folder=args.image_folder, max_length=args.max_length,
-                        label_mode=args.label_mode)
+                        label_mode=args.label_mode, preset_dir=args.preset_dir, cache_dir=args.cache_dir)
     dataset = SupervisedDataset.from_config(config, tokenizer, settings, seed=args.seed)
     log = ProblemLog(log_first=0)
     table = scan(dataset, workers=args.workers, decode_images=not args.headers_only, keep_stats=True,
@@ -148,4 +166,4 @@ def run(args) -> int:
     print(f"sequence tokens: {report['sequence_tokens']}")
     print(f"visual tokens per image: {report['visual_tokens_per_image']}")
     print(f"report: {out / 'report.json'}")
-    return 1 if log.total else 0
+    return 1 if log.total or verified else 0

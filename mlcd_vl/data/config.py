@@ -34,7 +34,7 @@ class DataConfig:
     token_budget: int | None = None  # tokens per packed row; padded batches use batch.per_device_batch_size
     group_by_modality: bool = False
     drop_last: bool = False
-    num_workers: int = 4
+    num_workers: int = 4  # DataLoader workers per process; the start-up scan uses this x the processes on the node
     order_file: str | None = None  # replay these micro-batches (record ids, `data.order_file`), no sampling
 
     def __post_init__(self) -> None:

@@ -13,6 +13,7 @@ with a progress bar: exact token lengths for length grouping and packing, and th
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from mlcd_vl.data.problems import DataError, ProblemLog, RecordProblem, SkippedRecord
+from mlcd_vl.data.problems import DataError, Problem, ProblemLog, RecordProblem, SkippedRecord
 from mlcd_vl.data.config import DataConfig
 from mlcd_vl.data.samples import Sample, SampleBuilder, SampleStats, record_id_of
 from mlcd_vl.data.sources import RecordSource, open_source
@@ -109,12 +110,15 @@ class LengthTable:
         return np.where(self.has_image, self.lengths, -self.lengths)
 
     def save(self, path: str) -> None:
-        np.savez(path, lengths=self.lengths, has_image=self.has_image)
+        skipped = json.dumps([[s.record_id, s.problem.value, s.detail] for s in self.skipped], ensure_ascii=False)
+        np.savez(path, lengths=self.lengths, has_image=self.has_image, skipped=np.array(skipped))
 
     @classmethod
     def load(cls, path: str) -> "LengthTable":
         data = np.load(path)
-        return cls(data["lengths"], data["has_image"])
+        skipped = [SkippedRecord(record_id, Problem(problem), detail)
+                   for record_id, problem, detail in json.loads(str(data["skipped"]))] if "skipped" in data else []
+        return cls(data["lengths"], data["has_image"], skipped)
 
 
 _WORKER_DATASET: SupervisedDataset | None = None

@@ -49,6 +49,7 @@ class VLMSettings:
     llm: str = ""  # where the LLM came from (provenance only)
     tower: str = ""
     resize_mode: str = "shortest_edge"  # or "squash" (SigLIP, DFN5B): see pixels.ProcessorSettings
+    data_manifest: str = ""  # hash of the data manifest the weights were trained on (provenance only)
 
     def __post_init__(self) -> None:
         self.pinpoints = [tuple(p) for p in self.pinpoints]

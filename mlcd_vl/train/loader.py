@@ -7,14 +7,15 @@ DataLoader is NOT passed to `accelerator.prepare` (it would shard a second time)
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
+from mlcd_vl.data import startup
 from mlcd_vl.data.collate import PaddingCollator
 from mlcd_vl.data.dataset import LengthTable, SupervisedDataset
-from mlcd_vl.data.dataset import scan as scan_lengths
 from mlcd_vl.data.order_file import FixedOrderBatchSampler
 from mlcd_vl.data.packing import PackingCollator
 from mlcd_vl.data.problems import ProblemLog
@@ -30,6 +31,7 @@ class Data:
     sampler: LengthGroupedBatchSampler | PackedBatchSampler | FixedOrderBatchSampler
     loader: torch.utils.data.DataLoader
     scan_log: ProblemLog
+    start: startup.DataStart | None = None  # the scanning process: manifest, cache hit or scan, timings
 
 
 def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: int, world_size: int,
@@ -37,12 +39,16 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
     """Dataset, exact lengths (records that fail the scan are left out up front), sampler and DataLoader.
 
     With `scan=False` the lengths are read from `table_path`, which the scanning process wrote (so only the main
-    process of a distributed run reads every image header).
+    process of a distributed run reads every image header). The scanning process takes the table from the data
+    cache when its inputs are unchanged (`data.startup`), else scans with `data.num_workers` x the node's processes
+    (the others wait for it).
     """
     dataset = SupervisedDataset.from_config(config.data, tokenizer, settings, seed=config.seed)
-    scan_log = ProblemLog()
+    scan_log, start = ProblemLog(), None
     if scan:
-        table = scan_lengths(dataset, workers=config.data.num_workers, progress=progress, log=scan_log)
+        scan_workers = config.data.num_workers * int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+        start = startup.prepare(dataset, config.seed, workers=scan_workers, progress=progress, log=scan_log)
+        table = start.table
         if table_path is not None:
             table_path.parent.mkdir(parents=True, exist_ok=True)
             table.save(str(table_path))
@@ -70,7 +76,7 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collator, num_workers=workers,
                                          persistent_workers=False, prefetch_factor=2 if workers else None,
                                          generator=torch.Generator().manual_seed(config.seed))
-    return Data(dataset, table, sampler, loader, scan_log)
+    return Data(dataset, table, sampler, loader, scan_log, start)
 
 
 def micro_batch_groups(loader, grad_accum: int):

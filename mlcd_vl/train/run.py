@@ -42,6 +42,7 @@ import torch
 logger = logging.getLogger("mlcd_vl.train")
 PROBLEMS_FILE, METRICS_FILE, LOSS_CURVE_FILE, LENGTHS_FILE = ("data_problems.json", "metrics.jsonl",
                                                               "loss_curve.png", "lengths.npz")
+MANIFEST_FILE = "data_manifest.json"  # what this run sees (data.manifest); its hash also goes into config.json
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
@@ -159,6 +160,10 @@ def train(config) -> TrainResult:
         say(f"data order replayed from {config.data.order_file}")
     if main and data.scan_log.total:
         say(data.scan_log.summary("left out by the length scan"))
+    if data.start is not None:  # the main process: pin the data this run sees
+        data.start.manifest.save(output_dir / MANIFEST_FILE)
+        settings.data_manifest = data.start.manifest.hash
+        say(f"{data.start.describe()} -> {output_dir / MANIFEST_FILE}")
     micro_per_epoch = len(data.sampler)
     steps_per_epoch = math.ceil(micro_per_epoch / config.batch.grad_accum)
     total_steps = config.optim.max_steps or max(1, math.ceil(config.optim.num_epochs * steps_per_epoch))
