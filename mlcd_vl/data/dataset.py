@@ -35,6 +35,8 @@ class SupervisedDataset(torch.utils.data.Dataset):
         self.records, self.settings, self.config = records, settings, config
         self._tokenizer = tokenizer  # a tokenizer, or a folder loaded lazily with model.build.load_tokenizer
         self._builder: SampleBuilder | None = None
+        if config.strict and self.load_problems:  # e.g. a malformed JSONL line: never dropped silently
+            raise DataError(self.load_problems[0])
 
     @classmethod
     def from_config(cls, config: DataConfig, tokenizer, settings: VLMSettings, seed: int = 0) -> "SupervisedDataset":
