@@ -1,5 +1,6 @@
 """Data start-up before and after the cached record index and length table: per-rank memory, scan records/s, and
-time to the first batch on a first launch and on a restart, through the real `train.loop.build_data` path.
+time to the first batch on a first launch and on a restart, through the real `build_data` path (`train.loader`;
+`train.loop` before the house plan).
 
     python bench/data_startup.py                       # 100k and 1M records (~30-40 min on 2 busy cores)
     python bench/data_startup.py --records 100000      # one size
@@ -54,8 +55,13 @@ def child(args) -> None:
     from accelerate import PartialState
 
     from mlcd_vl.model.build import VLMSettings, load_tokenizer
-    from mlcd_vl.train import loop
-    from mlcd_vl.train.config import DataConfig, TrainConfig
+    from mlcd_vl.train.config import TrainConfig
+
+    try:
+        from mlcd_vl.train import loader as data_path  # after the house plan
+    except ImportError:
+        from mlcd_vl.train import loop as data_path  # before it (f6469f2)
+    DataConfig = type(TrainConfig().data)
 
     torch.set_num_threads(1)
     state = PartialState(cpu=True)
@@ -73,8 +79,9 @@ def child(args) -> None:
     baseline = process.memory_full_info()
     with state.main_process_first():
         start = time.perf_counter()
-        data = loop.build_data(config, tokenizer, settings, rank=state.process_index, world_size=state.num_processes,
-                               progress=False, table_path=Path(args.run) / "lengths.npz", scan=state.is_main_process)
+        data = data_path.build_data(config, tokenizer, settings, rank=state.process_index,
+                                    world_size=state.num_processes, progress=False,
+                                    table_path=Path(args.run) / "lengths.npz", scan=state.is_main_process)
         built = time.perf_counter()
     memory = process.memory_full_info()
     next(iter(data.loader))

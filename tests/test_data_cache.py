@@ -17,10 +17,10 @@ import pytest
 from test_data_check import _write_dataset
 from test_data_common import five_pinpoints, record, tiny_settings, tiny_tokenizer, write_image
 
-from mlcd_vl.data import cache, json_index, lengths_cache, startup
+from mlcd_vl.data import json_index, startup
 from mlcd_vl.data.dataset import SupervisedDataset, scan
 from mlcd_vl.data.problems import DataError, Problem, ProblemLog
-from mlcd_vl.data.samples import DataConfig
+from mlcd_vl.data.config import DataConfig
 from mlcd_vl.data.sources import JsonRecords, open_source
 
 
@@ -92,7 +92,7 @@ def test_malformed_json_list_names_the_byte(tmp_path, text, message):
 
 def test_strict_mode_raises_on_a_malformed_line(tmp_path, tokenizer):
     _write_dataset(tmp_path)
-    config = DataConfig(data=str(tmp_path / "data.jsonl"), image_folder=str(tmp_path), strict=True)
+    config = DataConfig(train=str(tmp_path / "data.jsonl"), image_folder=str(tmp_path), strict=True)
     with pytest.raises(DataError, match="line 14.*malformed JSON"):
         SupervisedDataset.from_config(config, tokenizer, tiny_settings())
 
@@ -163,9 +163,9 @@ def _scan_data(root):
 
 
 def _start(path, tokenizer, settings, cache_dir, **config):
-    config = DataConfig(data=str(path), image_folder=str(path.parent), cache_dir=str(cache_dir), **config)
+    config = DataConfig(train=str(path), image_folder=str(path.parent), cache_dir=str(cache_dir), **config)
     log = ProblemLog(log_first=0)
-    return startup.prepare(SupervisedDataset.from_config(config, tokenizer, settings), log=log), log
+    return startup.prepare(SupervisedDataset.from_config(config, tokenizer, settings), 0, log=log), log
 
 
 def test_length_table_is_reused_and_equals_a_fresh_scan(tmp_path, tokenizer, counted):
