@@ -2,9 +2,9 @@
 time to the first batch on a first launch and on a restart, through the real `build_data` path (`train.loader`;
 `train.loop` before the house plan).
 
-    python bench/data_startup.py                       # 100k and 1M records (~30-40 min on 2 busy cores)
+    python bench/data_startup.py                       # 100k launches, 1M opens (~20 min on 2 busy cores)
     python bench/data_startup.py --records 100000      # one size
-    python bench/data_startup.py --quick               # 2000 records: code-path check
+    python bench/data_startup.py --quick               # 300 records: code-path check
 
 "Before" is the package as of `--before` (default f6469f2, the commit before this work), extracted with `git
 archive` into a temporary folder; "after" is this checkout. Each launch is fresh processes (1, or 2 ranks with a
@@ -14,9 +14,10 @@ launch and the same folder for the restart. Before, a restart repeats the first 
 is measured once.
 
 Data: a synthetic LLaVA `.json` list (one big JSON array, upstream's format) of short conversations, 70% of them
-referencing one of 8 small PNGs, the tiny preset tokenizer and anyres settings at the tiny crop size. The 1M case
-runs the "before" tree in one process only (two eager copies of 1M records would not fit this 24 GiB machine
-beside the other work on it).
+referencing one of 8 small PNGs, the tiny preset tokenizer and anyres settings at the tiny crop size.
+`--open-records` (1M by default) only opens the records, what every rank does, and reads 1000 of them: before in
+one process (the eager parse), after with the index built, then cached, in 1 and 2 processes. A full 1M launch
+would scan for ~25 min per run at this machine's scan rate; launches are measured at `--records` (100k).
 """
 
 from __future__ import annotations
@@ -215,7 +216,7 @@ def row(label: str, count: int, processes: int, reports: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
     parser.add_argument("--records", default="100000", help="comma-separated record counts (full launches)")
-    parser.add_argument("--quick", action="store_true", help="2000 records, one process: checks the code path")
+    parser.add_argument("--quick", action="store_true", help="300 records, one process: checks the code path")
     parser.add_argument("--before", default=BEFORE, help="git revision of the 'before' package")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers per process (scan and loader)")
     parser.add_argument("--out", default=str(HERE / "results"))
@@ -234,8 +235,8 @@ def main(argv: list[str] | None = None) -> int:
     import common
 
     load_before = common.load_average()
-    counts = [2000] if args.quick else [int(n) for n in args.records.split(",") if n]
-    open_counts = [2000] if args.quick else [int(n) for n in args.open_records.split(",") if n]
+    counts = [300] if args.quick else [int(n) for n in args.records.split(",") if n]
+    open_counts = [300] if args.quick else [int(n) for n in args.open_records.split(",") if n]
     lines, opened, port = [], [], 29611
     with tempfile.TemporaryDirectory(prefix="data-startup-") as tmp:
         work = Path(tmp)
@@ -291,7 +292,8 @@ def main(argv: list[str] | None = None) -> int:
              "(fingerprint), the length table (scan or cache read) and the full manifest. "
              "Time to first batch: from `build_data` (open the records, length table, sampler, DataLoader) to "
              "the first batch out of the DataLoader, per rank; rank 1 starts after rank 0 has prepared the data "
-             "(`main_process_first`, as in training), so its time includes the wait. RSS added: resident memory "
+             "(`main_process_first`, as in training) and its time is counted from then: its wall time to the "
+             "first batch is rank 0's build_data plus its own figure. RSS added: resident memory "
              "after `build_data` minus before it (USS: the part no other process shares; the memory-mapped file "
              "and index count in RSS but are shared page cache). Peak RSS includes torch and the tokenizer (~0.4 "
              "GiB). Before, a restart repeats the first launch."]

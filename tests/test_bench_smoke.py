@@ -83,3 +83,11 @@ def test_serve_benches_quick(bench, tmp_path):
     assert bench("serve_latency").main(["--quick", "--threads", "1", "--out", str(tmp_path)]) == 0
     text = next(tmp_path.glob("serve_latency_*.md")).read_text()
     assert "time to first token" in text and "concurrent requests" in text
+
+
+def test_data_startup_quick(bench, tmp_path):
+    assert bench("data_startup").main(["--quick", "--out", str(tmp_path)]) == 0
+    text = only_result(tmp_path, "data_startup", bench("common").machine_name())
+    for row in ("| before (", "| after, first launch | 1 | yes |", "| after, restart | 1 | no |",
+                "| after, cached index | 2 |"):
+        assert row in text

@@ -343,12 +343,10 @@ def diff(expected: Manifest, found: Manifest) -> list[str]:
                      f"{len(found.sources)} ({', '.join(s.name for s in found.sources)})")
     for number, (a, b) in enumerate(zip(expected.sources, found.sources)):
         where = f"source {number} ({a.name})"
-        if a.name != b.name:
-            lines.append(f"{where}: name {a.name} -> {b.name}")
-        if a.records != b.records:
-            lines.append(f"{where}: record count {a.records} -> {b.records}")
-        if a.malformed != b.malformed:
-            lines.append(f"{where}: malformed records {a.malformed} -> {b.malformed}")
+        for label, old, new in (("name", a.name, b.name), ("record count", a.records, b.records),
+                                ("malformed records", a.malformed, b.malformed)):
+            if old != new:
+                lines.append(f"{where}: {label} {old} -> {new}")
         if a.sha256 != b.sha256:
             lines.append(f"{where}: file changed (sha256 {_short(a.sha256)} -> {_short(b.sha256)})")
     if len(expected.entries) != len(found.entries):
@@ -356,15 +354,15 @@ def diff(expected: Manifest, found: Manifest) -> list[str]:
     for number, (a, b) in enumerate(zip(expected.entries, found.entries)):
         name = expected.sources[a.source].name if a.source < len(expected.sources) else "?"
         where = f"mixture entry {number} ({name}, {a.strategy})"
-        if a.strategy != b.strategy:
-            lines.append(f"{where}: strategy {a.strategy} -> {b.strategy}")
+        for label, old, new in (("strategy", a.strategy, b.strategy), ("image folder", a.image_folder,
+                                                                        b.image_folder)):
+            if old != new:
+                lines.append(f"{where}: {label} {old} -> {new}")
         if a.ids_sha256 != b.ids_sha256:
             detail = (_ids_difference(a.ids, b.ids) if a.ids is not None and b.ids is not None
                       else f"{a.count} -> {b.count} records")
             seed = f" (seed {expected.seed} -> {found.seed})" if expected.seed != found.seed else ""
             lines.append(f"{where}: mixture draw changed: {detail}{seed}")
-        if a.image_folder != b.image_folder:
-            lines.append(f"{where}: image folder {a.image_folder} -> {b.image_folder}")
     if len(expected.image_folders) != len(found.image_folders):
         lines.append(f"image folders: {len(expected.image_folders)} -> {len(found.image_folders)}")
     for number, (a, b) in enumerate(zip(expected.image_folders, found.image_folders)):
