@@ -265,6 +265,21 @@ def test_choice_of_implementation(monkeypatch):
         HeadLossSettings("auto", chunk_tokens=0)
 
 
+def test_chunked_loss_runs_inside_the_head_modules_hooks():
+    """DeepSpeed ZeRO-3 gathers a module's partitioned weight in its forward hooks: the chunked loss must run as the
+    head's forward (the weight whole inside, the output carrying the module's backward hooks)."""
+    head = nn.Linear(24, 67)
+    x, _, _, targets = tensors()
+    events = []
+    head.register_forward_pre_hook(lambda module, args: events.append(("pre", args[0].shape)))
+    head.register_forward_hook(lambda module, args, output: events.append(("post", output.shape)))
+    loss = head_loss_sum(head, x, targets, CHUNKED, grad_scale=1.0)
+    assert events == [("pre", x.shape), ("post", torch.Size([]))]
+    assert "forward" not in head.__dict__ and head(x).shape == (41, 67)  # the class's forward is back
+    loss.backward()
+    assert head.weight.grad is not None and x.grad is not None
+
+
 def test_liger_path_calls_the_fused_loss_with_its_argument_order(monkeypatch):
     """A stand-in with Liger's class and signature (weight first, then input) records how it is called."""
     seen = {}

@@ -16,17 +16,17 @@ else falls back to "chunked" (same loss). "auto" (default) picks "chunked" when 
 `chunk_tokens` supervised tokens, else "full". Only a plain `nn.Linear` head (no LoRA or other wrapper on it) can
 be chunked; "auto" keeps "full" otherwise.
 
-ZeRO-3: the head weight is a partitioned parameter; the chunked and Liger paths read it directly, so it is gathered
-for exactly that block (`deepspeed.zero.GatheredParameters`, every rank runs it in step) and released after; no
-gradient computation needs it again in backward.
+ZeRO-3: the head weight is a partitioned parameter, gathered by DeepSpeed's hooks around the head module's forward
+and backward. The chunked and Liger losses therefore run AS the head's forward (`_run_as_forward`): DeepSpeed
+gathers the weight before them and releases it after, and gathers it again in backward while the weight gradient
+is accumulated (autograd copies it into the parameter's layout, which must then be whole).
 """
 
 from __future__ import annotations
 
-import contextlib
 import importlib.util
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -103,26 +103,28 @@ def head_loss_sum(head: nn.Module, hidden: torch.Tensor, targets: torch.Tensor,
     impl = choose_implementation(settings, int(targets.numel()), head, hidden.device.type)
     if impl == "full":
         return token_loss_sum(head(hidden), targets)
-    with gathered(head):
-        if impl == "liger":
-            return liger_loss_sum(hidden, head.weight, head.bias, targets)
-        return chunked_linear_cross_entropy(hidden, head.weight, head.bias, targets, settings.chunk_tokens,
-                                            grad_scale)
+    if impl == "liger":
+        def loss(states, labels):
+            return liger_loss_sum(states, head.weight, head.bias, labels)
+    else:
+        def loss(states, labels):
+            return chunked_linear_cross_entropy(states, head.weight, head.bias, labels, settings.chunk_tokens,
+                                                grad_scale)
+    return _run_as_forward(head, loss, hidden, targets)
 
 
-@contextlib.contextmanager
-def gathered(module: nn.Module) -> Iterator[None]:
-    """Under ZeRO-3: the module's own partitioned parameters gathered for the block (every rank must enter it),
-    re-partitioned after; parameters DeepSpeed already holds whole (persistent ones) are left alone."""
-    params = [p for p in module.parameters(recurse=False)  # parameters(): no ZeRO getter, so no auto-gather
-              if getattr(getattr(p, "ds_status", None), "name", None) == "NOT_AVAILABLE"]
-    if not params:
-        yield
-        return
-    import deepspeed
-
-    with deepspeed.zero.GatheredParameters(params, modifier_rank=None):
-        yield
+def _run_as_forward(module: nn.Module, function: Callable, *args):
+    """`function(*args)` called as `module`'s forward, so the hooks on the module wrap it (DeepSpeed ZeRO-3: its
+    partitioned parameters are gathered for the call and again for its backward, and released after each)."""
+    own = module.__dict__.get("forward")  # an instance-level forward someone else set, restored after
+    module.forward = function
+    try:
+        return module(*args)
+    finally:
+        if own is None:
+            del module.forward
+        else:
+            module.forward = own
 
 
 # ----------------------------------------------------------------------------------------------------------------
