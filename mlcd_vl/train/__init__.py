@@ -4,6 +4,8 @@
 - `optim`: freezing by upstream's tunable parts, per-part learning rates, AdamW + schedule, parameter counts,
   the stage-1 projector artifact (ours and upstream's `mm_projector.bin`).
 - `loss`: shifted token cross-entropy and its normalisation over a whole optimizer step (or upstream's).
+- `head_loss`: the LM head + cross-entropy on the supervised positions: full logits, chunked (bounded memory)
+  or Liger's fused kernel (`optim.loss_impl`).
 - `step`: the `TrainBatch` contract the data pipeline fills, `forward_loss`, and `TrainingForward`, the module
   DDP / DeepSpeed wrap.
 - `run`: the training recipe (`python -m mlcd_vl.train RECIPE key=value ...`), built from `loop` (model, data,
