@@ -10,8 +10,9 @@ requiring gradients, then runs `train.head_loss.head_loss_sum` with `optim.loss_
 of 1024 positions) and `backward` once, CPU, one torch thread. Peak RSS comes from `ru_maxrss` (the process's
 high-water mark) and the RSS before the step from `/proc/self/statm`; the step's own peak is their difference (it
 includes the [vocab, hidden] weight gradient that both paths produce). A case whose estimated need exceeds the
-memory available on this machine (minus a margin) is not started: its row is extrapolated from the largest measured
-case of the same path and dtype (bytes per supervised token x vocab entry, plus the fixed part), and says so.
+memory available on this machine (minus a margin), or that would start after `--max-minutes`, is not run: its row
+is extrapolated from the measured cases of the same path and dtype (a straight line through the two largest, or
+through the origin from one), and says so.
 """
 
 from __future__ import annotations
@@ -102,25 +103,29 @@ def run_child(args, tokens: int, dtype: str, path: str) -> dict:
 
 
 def extrapolate(rows: list[dict], tokens: int, dtype: str, path: str, reason: str) -> dict | None:
-    """A row for a case not run, from the largest measured one of the same path and dtype: the step peak minus
-    the weight-gradient part scales with tokens; time scales with tokens."""
-    measured = [r for r in rows if r["dtype"] == dtype and r["path"] == path and not r.get("skipped")]
+    """A row for a case not run, from the measured ones of the same path and dtype: the step peak on the straight
+    line through the two largest (through the origin from a single one), times proportional to tokens."""
+    measured = sorted((r for r in rows if r["dtype"] == dtype and r["path"] == path and not r.get("skipped")),
+                      key=lambda r: r["tokens"])
     if not measured:
         return None
-    base = max(measured, key=lambda r: r["tokens"])
-    fixed = base["vocab"] * base["hidden"] * DTYPES[dtype] / 2 ** 20  # MiB: the weight gradient
-    grows = path == "full"
+    base = measured[-1]
+    if len(measured) >= 2:
+        low = measured[-2]
+        slope = (base["step_peak"] - low["step_peak"]) / (base["tokens"] - low["tokens"])
+        step_peak = base["step_peak"] + slope * (tokens - base["tokens"])
+        source = f"{low['tokens']} and {base['tokens']}"
+    else:
+        step_peak, source = base["step_peak"] * tokens / base["tokens"], f"{base['tokens']}"
     factor = tokens / base["tokens"]
-    step_peak = fixed + (base["step_peak"] - fixed) * (factor if grows else 1.0)
     return {**base, "tokens": tokens, "skipped": reason, "step_peak": step_peak, "peak_after": None,
             "rss_before": None, "forward_s": base["forward_s"] * factor, "backward_s": base["backward_s"] * factor,
-            "total_s": base["total_s"] * factor, "from_tokens": base["tokens"]}
+            "total_s": base["total_s"] * factor, "from_tokens": source}
 
 
 def bytes_per_entry(row: dict) -> float:
-    """Step peak minus the weight gradient, per (supervised token x vocab entry)."""
-    fixed = row["vocab"] * row["hidden"] * DTYPES[row["dtype"]]
-    return (row["step_peak"] * 2 ** 20 - fixed) / (row["tokens"] * row["vocab"])
+    """Step peak per (supervised token x vocab entry)."""
+    return row["step_peak"] * 2 ** 20 / (row["tokens"] * row["vocab"])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -132,6 +137,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--chunk", type=int, default=1024, help="optim.loss_chunk_tokens")
     parser.add_argument("--quick", action="store_true", help="vocab 4096, hidden 256, 512 / 2048 tokens")
     parser.add_argument("--threads", type=int, default=1, help="torch threads in each child (default 1)")
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="start no case after this many minutes; later ones are extrapolated and marked")
     parser.add_argument("--out", default=str(common.RESULTS))
     parser.add_argument("--child", nargs=3, metavar=("TOKENS", "DTYPE", "PATH"), help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -146,14 +153,19 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     load_before = common.load_average()
-    rows = []
+    rows, started = [], time.monotonic()
     for dtype in args.dtypes:
         for tokens in sorted(args.tokens):
             for path in PATHS:
                 need = estimated_gib(path, tokens, args.vocab, args.hidden, dtype, args.chunk)
                 have = available_gib()
+                minutes = (time.monotonic() - started) / 60
+                reason = None
                 if need > have - MARGIN_GIB:
                     reason = f"needs about {need:.1f} GiB, {have:.1f} GiB available (margin {MARGIN_GIB:.0f})"
+                elif args.max_minutes is not None and minutes > args.max_minutes:
+                    reason = f"time: {minutes:.0f} min spent, --max-minutes {args.max_minutes:g}"
+                if reason:
                     row = extrapolate(rows, tokens, dtype, path, reason)
                     rows.append(row or {"tokens": tokens, "dtype": dtype, "path": path, "skipped": reason,
                                         "vocab": args.vocab, "hidden": args.hidden, "chunk": args.chunk})
@@ -178,7 +190,7 @@ def write(args, argv, load_before: str, rows: list[dict], remaining: int = 0, qu
         "row: `head_loss_sum` + backward once on random hidden states of the supervised positions",
         "step peak = peak RSS (ru_maxrss) after the step - RSS before it (/proc/self/statm), so it includes the "
         "[vocab, hidden] weight gradient both paths produce; the inputs (weight, hidden states) are in the RSS "
-        "before; bytes/entry = (step peak - weight gradient) / (tokens x vocab)",
+        "before; bytes/entry = step peak / (tokens x vocab)",
         "chunked computes the gradients chunk by chunk in the forward pass (nothing recomputed), so its forward "
         "time holds most of its work and its backward only scales the stored gradients"])
     lines += ["| tokens | dtype | path | step peak GiB | RSS before GiB | peak GiB | bytes/entry | forward s | "
@@ -204,9 +216,10 @@ def write(args, argv, load_before: str, rows: list[dict], remaining: int = 0, qu
             if len(pair) == 2:
                 full, chunked = pair["full"], pair["chunked"]
                 note = " (full extrapolated)" if full.get("skipped") else ""
+                ratio = chunked["step_peak"] / full["step_peak"]
                 lines.append(f"- {dtype}, {tokens} tokens: chunked step peak {chunked['step_peak'] / 1024:.2f} GiB vs "
-                             f"full {full['step_peak'] / 1024:.2f} GiB ({chunked['step_peak'] / full['step_peak']:.2f}x)"
-                             f", time {chunked['total_s'] / full['total_s']:.2f}x{note}")
+                             f"full {full['step_peak'] / 1024:.2f} GiB ({ratio:.2f}x), time "
+                             f"{chunked['total_s'] / full['total_s']:.2f}x{note}")
     suspicious = [r for r in rows if r.get("peak_after") is not None and r["peak_after"] <= r["peak_before"] + 1]
     if suspicious:
         lines.append(f"- caution: {len(suspicious)} row(s) peaked before the step; their step peak is a lower bound")
