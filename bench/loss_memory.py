@@ -2,7 +2,7 @@
 
     python bench/loss_memory.py                          # 2k / 4k / 8k / 32k supervised tokens, bf16 and fp32 (~1 h)
     python bench/loss_memory.py --quick                  # vocab 4096, hidden 256, 512 / 2048 tokens: code path only
-    python bench/loss_memory.py --tokens 2048 8192 --dtypes bf16 --out bench/results
+    python bench/loss_memory.py --dtypes fp32 --max-minutes 30  # one dtype: loss_memory-fp32_<machine>_<date>.md
 
 Each case (supervised tokens, dtype, path) runs in a fresh Python process: it allocates the head weight
 [vocab, hidden] (151936 x 3584 by default) and the hidden states of the supervised positions [tokens, hidden], both
@@ -227,7 +227,9 @@ def write(args, argv, load_before: str, rows: list[dict], remaining: int = 0, qu
         lines += ["", "_--quick: a small head at small sizes; a code-path check only._"]
     if remaining:
         lines += ["", f"_incomplete: {remaining} case(s) still running or to run_"]
-    path = common.result_path(args.out, "loss_memory")
+    # a run of one dtype (a long benchmark split in parts) gets its own file: loss_memory-fp32_<machine>_<date>.md
+    what = "loss_memory" if set(args.dtypes) == set(DTYPES) else "loss_memory-" + "-".join(args.dtypes)
+    path = common.result_path(args.out, what)
     if quiet:
         path.write_text("\n".join(lines) + "\n")
         return path
