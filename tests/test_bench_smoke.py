@@ -63,6 +63,29 @@ def test_memory_quick(bench, tmp_path):
     assert "| 512 | padded |" in text and "| 512 | packed |" in text
 
 
+def test_loss_memory_quick(bench, tmp_path):
+    assert bench("loss_memory").main(["--quick", "--out", str(tmp_path)]) == 0
+    text = only_result(tmp_path, "loss_memory", bench("common").machine_name())
+    for row in ("| 2048 | fp32 | full |", "| 2048 | fp32 | chunked |", "| 2048 | bf16 | chunked |"):
+        assert row in text
+    assert "chunked step peak" in text
+
+
+def test_loss_memory_extrapolates_a_case_that_does_not_fit(bench):
+    loss_memory = bench("loss_memory")
+    measured = {"tokens": 2048, "dtype": "fp32", "path": "full", "vocab": 1000, "hidden": 10, "chunk": 256,
+                "step_peak": 40.0, "forward_s": 1.0, "backward_s": 2.0, "total_s": 3.0}
+    row = loss_memory.extrapolate([measured], 8192, "fp32", "full", "needs 99 GiB")
+    assert row["skipped"] == "needs 99 GiB" and row["from_tokens"] == "2048" and row["total_s"] == 12.0
+    assert row["step_peak"] == 160.0  # through the origin from one measured case
+    larger = {**measured, "tokens": 4096, "step_peak": 70.0, "total_s": 6.0}
+    row = loss_memory.extrapolate([measured, larger], 8192, "fp32", "full", "x")
+    assert row["step_peak"] == 130.0 and row["from_tokens"] == "2048 and 4096"  # the line through both
+    assert loss_memory.extrapolate([measured], 8192, "bf16", "full", "x") is None
+    assert loss_memory.estimated_gib("full", 32768, 151936, 3584, "fp32", 1024) > 55
+    assert loss_memory.estimated_gib("chunked", 32768, 151936, 3584, "fp32", 1024) < 8
+
+
 def test_gpu_step_dry_run_and_no_cuda_exit(bench, tmp_path):
     assert bench("gpu_step").main(["--dry-run", "--out", str(tmp_path)]) == 0
     text = only_result(tmp_path, "gpu_step", "dry-run-cpu")

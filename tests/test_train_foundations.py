@@ -26,6 +26,7 @@ from mlcd_vl.train.loss import StepTokens, plan_step
 from mlcd_vl.train.step import (BatchError, TrainBatch, TrainingForward, count_batch_supervised, forward_loss,
                                 plan_micro_batches)
 from mlcd_vl.vocab import IGNORE_INDEX
+from mlcd_vl.train.head_loss import HeadLossSettings
 
 REPO = Path(__file__).resolve().parents[1]
 RECIPES = REPO / "configs" / "recipes"
@@ -121,14 +122,15 @@ def reference_gradients(model, settings, samples: list[Sample]) -> dict[str, tor
     return gradients(model)
 
 
-def accumulated_gradients(model, settings, ranks: list[list[TrainBatch]], mode: str = "global") -> dict:
+def accumulated_gradients(model, settings, ranks: list[list[TrainBatch]], mode: str = "global",
+                          head_loss: HeadLossSettings = HeadLossSettings()) -> dict:
     """Gradients summed over each rank's micro-batches and averaged over ranks (what DDP / DeepSpeed do)."""
     total = sum(count_batch_supervised(b) for batches in ranks for b in batches)
     per_rank = []
     for batches in ranks:
         step = StepTokens(supervised=total, micro_batches=len(batches), world_size=len(ranks), mode=mode)
         for batch in batches:
-            forward_loss(model, settings, batch, step).loss.backward()
+            forward_loss(model, settings, batch, step, head_loss).loss.backward()
         per_rank.append(gradients(model))
     names = set().union(*per_rank)
     return {n: sum(g.get(n, 0) for g in per_rank) / len(ranks) for n in names}

@@ -8,6 +8,8 @@
   artifact (ours and upstream's `mm_projector.bin`). `lora`: LoRA adapters on the LLM and their merge.
 - `loader`: dataset, length scan, sampler (or `data.order_file`'s replayed order), collator, DataLoader.
 - `loss`: shifted token cross-entropy and its normalisation over a whole optimizer step (or upstream's).
+- `head_loss`: the LM head + cross-entropy on the supervised positions: full logits, chunked (bounded memory)
+  or Liger's fused kernel (`optim.loss_impl`).
 - `step`: the `TrainBatch` contract, `forward_loss`, `TrainingForward` (what DDP / DeepSpeed wrap) and
   `optimizer_step`.
 - `zero`: DeepSpeed's JSON filled from the recipe, one-process launches, ZeRO-3's consolidated final weights.

@@ -77,6 +77,8 @@ class OptimConfig:
     warmup_steps: int | None = None  # when > 0, overrides warmup_ratio (as transformers' TrainingArguments)
     max_grad_norm: float | None = 1.0  # 0 or None: no clipping (upstream's MLCD runs)
     loss_normalisation: str = "global"  # global (tokens of the whole step) | upstream (per micro-batch mean)
+    loss_impl: str = "auto"  # auto (chunked above loss_chunk_tokens supervised tokens) | full | chunked | liger
+    loss_chunk_tokens: int = 1024  # LM-head positions per loss chunk (bounds the logits' memory), auto's threshold
     num_epochs: float = 1.0
     max_steps: int | None = None  # overrides num_epochs when set
 
@@ -171,6 +173,7 @@ CHOICES = {
     "optim.lr_scheduler": ("cosine", "linear", "constant_with_warmup"),
     "optim.loss_normalisation": ("global", "upstream"),
     "optim.no_decay_rule": ("default", "upstream"),
+    "optim.loss_impl": ("auto", "full", "chunked", "liger"),
     "precision": ("auto", "bf16", "fp16", "fp32"),
     "report_to": ("none", "tensorboard", "wandb"),
     "model.merge_type": ("flat", "spatial_unpad"),
@@ -323,7 +326,7 @@ def validate(config: TrainConfig) -> TrainConfig:
                           f"{', '.join(TUNABLE_PARTS)}")
     positive = {"batch.per_device_batch_size": config.batch.per_device_batch_size,
                 "batch.grad_accum": config.batch.grad_accum, "logging_steps": config.logging_steps,
-                "lora.r": config.lora.r}
+                "lora.r": config.lora.r, "optim.loss_chunk_tokens": config.optim.loss_chunk_tokens}
     for dotted, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{dotted}: must be positive, got {value}")

@@ -110,6 +110,7 @@ def train(config) -> TrainResult:
     from mlcd_vl.model.checkpoint import save_vlm
     from mlcd_vl.train import checkpointing, loader, lora, metrics, models, optim, zero
     from mlcd_vl.train.config import save_resolved
+    from mlcd_vl.train.head_loss import HeadLossSettings
     from mlcd_vl.train.step import TrainingForward, optimizer_step
 
     # 1. Config ---------------------------------------------------------------------------------------------------
@@ -171,7 +172,9 @@ def train(config) -> TrainResult:
     say(f"{len(data.table.valid)} records, {micro_per_epoch} micro-batch(es) per epoch on each of {world_size} "
         f"process(es), {steps_per_epoch} step(s) per epoch, {total_steps} step(s) in all")
 
-    model = TrainingForward(vlm, settings)
+    head_loss = HeadLossSettings.from_config(config.optim)
+    say(head_loss.describe(accelerator.device.type))
+    model = TrainingForward(vlm, settings, head_loss)
     # The schedule stays ours under DeepSpeed too: stepped once per optimizer step by `step.optimizer_step` and
     # saved as a custom checkpoint object (accelerate would step a prepared LambdaLR once per process).
     model, optimizer = accelerator.prepare(model, optimizer)

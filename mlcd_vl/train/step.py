@@ -13,7 +13,8 @@ the caller must not do). DDP and DeepSpeed must wrap a module whose forward runs
 `forward_loss` embeds the prompt (`multimodal.embed_inputs`: image-token runs replaced by the images' visual token
 blocks; a zero dummy crop keeps tower and projector in the graph for text-only batches, so every rank of a ZeRO-3
 step joins the same parameter gathers), runs the language model with the batch's attention mask and position ids,
-and computes the loss on the supervised positions only.
+and computes the loss on the supervised positions only: the LM head runs on their hidden states alone, in chunks
+above `HeadLossSettings.chunk_tokens` supervised tokens (`head_loss`: bounded memory, same loss and gradients).
 
 `optimizer_step` is that recipe under accelerate (distribution is accelerate's business, set up from outside):
 no DDP sync but for the last micro-batch, the loss never divided by the accumulation steps (DeepSpeed:
@@ -36,7 +37,8 @@ from mlcd_vl.model.multimodal import ImageInput, embed_inputs
 from mlcd_vl.model.pixels import dummy_pixels
 from mlcd_vl.model.varlen import MASK_FREE_IMPLEMENTATIONS, cu_seqlens_from_positions, text_attention
 from mlcd_vl.train.config import TrainConfig
-from mlcd_vl.train.loss import StepTokens, count_supervised, normalise, plan_step, shifted_targets, token_loss_sum
+from mlcd_vl.train.head_loss import HeadLossSettings, head_loss_sum
+from mlcd_vl.train.loss import StepTokens, count_supervised, normalise, plan_step, shifted_targets
 from mlcd_vl.train.metrics import StepCounts
 from mlcd_vl.vocab import IGNORE_INDEX
 
@@ -141,8 +143,8 @@ class LossOutput:
     loss_sum: torch.Tensor  # detached summed token loss (sum over the step / step.supervised = the step's mean)
 
 
-def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch,
-                 num_items_in_step: StepTokens) -> LossOutput:
+def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch, num_items_in_step: StepTokens,
+                 head_loss: HeadLossSettings = HeadLossSettings()) -> LossOutput:
     """Embed, run the language model, and return the micro-batch loss normalised by `num_items_in_step`."""
     batch.validate()
     attention = text_attention(model)
@@ -162,8 +164,10 @@ def forward_loss(model: nn.Module, settings: VLMSettings, batch: TrainBatch,
     targets = shifted_targets(batch.labels, batch.position_ids)
     supervised = targets != IGNORE_INDEX
     hidden = outputs.last_hidden_state[:, :-1][supervised]
-    loss_sum = token_loss_sum(model.lm_head(hidden), targets[supervised])
     count = int(supervised.sum())
+    # the gradient backward brings to loss_sum, in float32 (a chunked loss makes its gradients for it up front)
+    grad_scale = float(normalise(torch.ones(()), count, num_items_in_step))
+    loss_sum = head_loss_sum(model.lm_head, hidden, targets[supervised], head_loss, grad_scale)
     return LossOutput(normalise(loss_sum, count, num_items_in_step), count, loss_sum.detach())
 
 
@@ -173,13 +177,14 @@ class TrainingForward(nn.Module):
     Its only submodule is `vlm`, so `module.vlm` is what gets saved.
     """
 
-    def __init__(self, vlm: nn.Module, settings: VLMSettings) -> None:
+    def __init__(self, vlm: nn.Module, settings: VLMSettings, head_loss: HeadLossSettings = HeadLossSettings()) -> None:
         super().__init__()
         self.vlm = vlm
         self.settings = settings
+        self.head_loss = head_loss
 
     def forward(self, batch: TrainBatch, step: StepTokens) -> LossOutput:
-        return forward_loss(self.vlm, self.settings, batch, step)
+        return forward_loss(self.vlm, self.settings, batch, step, self.head_loss)
 
 
 def empty_stand_in(pad_token_id: int) -> TrainBatch:
