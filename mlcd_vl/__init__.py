@@ -5,6 +5,7 @@ The house, floor by floor; a module imports only from its own floor or the floor
 
     0  vocab.py                 shared words: IGNORE_INDEX, <image> and its expansion, the anyres grid type, the
                                 pixel limit
+       console.py               what the terminal shows: plain-text tables, DeepSpeed's CPU notice kept quiet
     1  presets.py, assets/      named towers (with their image settings and statistics) and LLMs, the upstream grid;
                                 bundled files (the demo picture)
     2  model/                   build, load and save the VLM, pixels, anyres, chat templates, the tiny preset,

@@ -2,14 +2,14 @@
 # Shared by scripts/pretrain.sh and scripts/finetune.sh (which set DEFAULT_RECIPE): start `python -m mlcd_vl.train`
 # on every GPU of this node with torchrun, or across the hosts of HOSTFILE with the deepspeed launcher.
 #
-# Environment (upstream's names and defaults, reference-spec 5.1):
+# Environment (upstream's names and defaults):
 #   NUM_GPUS=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=29500
 #   RECIPE       the recipe YAML (default: the script's MLCD bigG-448 recipe)
 #   HOSTFILE     when set, launch with `deepspeed --hostfile HOSTFILE` instead of torchrun
 #   PYTHON       interpreter (default: $MLCD_VL_VENV or the repository's .venv if present, else python)
 # Arguments are recipe overrides (section.key=value), passed through, e.g. data.train=... optim.max_steps=10.
-# The effective global batch (per device x GPUs x nodes x accumulation, from the resolved recipe) is printed
-# first; a recipe with batch.global_batch_size that does not fit the launch stops here.
+# The recipe is checked first: a recipe with batch.global_batch_size that does not fit the launch stops here; the
+# run prints its effective global batch (per device x GPUs x nodes x accumulation) when it starts.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,7 +25,7 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   export ACCELERATE_CPU_AFFINITY=${ACCELERATE_CPU_AFFINITY:-1}  # as upstream; needs GPUs
 fi
 
-"$PYTHON" -m mlcd_vl.train.launch "$RECIPE" --world-size $((NUM_GPUS * NNODES)) "$@"
+"$PYTHON" -m mlcd_vl.train.launch --quiet "$RECIPE" --world-size $((NUM_GPUS * NNODES)) "$@"
 
 if [[ -n ${HOSTFILE:-} ]]; then
   exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NUM_GPUS" \

@@ -43,6 +43,8 @@ def test_pretrain_then_finetune_scripts_on_cpu(data):
                   RECIPE="configs/recipes/tiny_stage1.yaml")
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "effective global batch 8 = 4 per device x 1 process(es) x 2 accumulation step(s)" in done.stdout
+    assert done.stdout.count("global batch") == 1, done.stdout  # once per stage: the run says it, not the script
+    assert "Setting accelerator to CPU" not in done.stdout + done.stderr  # DeepSpeed's notice, when it is unused
     assert [r["step"] for r in H.metrics(stage1)] == [1, 2]
     assert (stage1 / optim.PROJECTOR_FILE).is_file()
 

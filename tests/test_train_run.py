@@ -237,6 +237,20 @@ def test_mfu_estimate(monkeypatch):
     assert "MFU n/a" in metrics.format_record(metrics.step_record(1, 1, counts, 1, {}, None, flops, None, 1))
 
 
+def test_step_line_fits_100_columns_at_extreme_values():
+    from mlcd_vl.train import metrics
+
+    counts = metrics.StepCounts(loss_sum=12.3456e6, supervised=10**6, tokens=10**7, positions=10**7 + 1,
+                                samples=99_999, tower_tokens=10**7)
+    lrs = {"vision_tower": 2e-6, "projector": 1.234e-3, "language_model": 1e-5, "lora": 3.3e-4}
+    flops = metrics.FlopsModel(llm_params=7 * 10**9, tower_params=2 * 10**9)
+    record = metrics.step_record(1_234_567, 99.5, counts, 0.5, lrs, 12345.678, flops, 1e12, world_size=64)
+    line = metrics.format_record(record)
+    assert len(line) <= 100, (len(line), line)
+    assert line.startswith("step 1234567  loss 12.3456  lr 1.2e-03  grad 1.23e+04  20000000 tok/s"), line
+    assert "MFU" in line and "pad 0%" in line
+
+
 def test_unreached_tower_layers_are_frozen(stage2):
     config, _ = stage2
     model, _, _, _ = models.build_model(config)

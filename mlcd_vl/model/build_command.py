@@ -145,7 +145,10 @@ def build(args: argparse.Namespace) -> Path:
 def run(args: argparse.Namespace) -> int:
     from transformers.utils import logging as hf_logging
 
+    from mlcd_vl.console import quiet_deepspeed_cpu_notice
+
     hf_logging.disable_progress_bar()
+    quiet_deepspeed_cpu_notice()
     try:
         build(args)
     except (BuildError, KeyError) as error:

@@ -7,7 +7,7 @@ The direction comes from SRC/config.json (never from a path):
 
 * upstream stage-2 checkpoint (`architectures: [LlavaQwenForCausalLM]`, model_type `qwen2` or `llava_qwen`)
   -> HF-native folder: anyres / anyres_max_N + spatial_unpad become LLaVA-NeXT / LLaVA-OneVision, square / pad + flat
-  become LLaVA (reference-spec 9). Every vision weight comes from the checkpoint; the tower named in
+  become LLaVA. Every vision weight comes from the checkpoint; the tower named in
   `mm_vision_tower` only supplies its config and image-processor settings.
 * upstream stage-1 artifact (config.json with mm_* keys + `mm_projector.bin`) -> HF-native LLaVA folder, with the
   base LLM (`_name_or_path` or --base-llm) and the tower weights from the tower folder.
@@ -15,7 +15,7 @@ The direction comes from SRC/config.json (never from a path):
   (config.json, model.safetensors, tokenizer, generation_config.json); with --projector-only, a stage-1 artifact
   (config.json + `mm_projector.bin`) for upstream's `--pretrain_mm_mlp_adapter`.
 
-Weight names (reference-spec 2.4 and 9): `model.vision_tower.vision_tower.vision_model.X` <-> `model.vision_tower.X`,
+Weight names: `model.vision_tower.vision_tower.vision_model.X` <-> `model.vision_tower.X`,
 `model.mm_projector.{0,2}.*` <-> `model.multi_modal_projector.linear_{1,2}.*`, `model.image_newline` and
 `lm_head.weight` unchanged, any other `model.X` <-> `model.language_model.X`. Every source key must be used and
 every model key filled with the right shape; otherwise the error names the key. Upstream pinpoints are
@@ -101,6 +101,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlcd_vl.console import quiet_deepspeed_cpu_notice
+
+    quiet_deepspeed_cpu_notice()
     try:
         convert(args.src, args.dst, to=args.to, vision_tower=args.vision_tower, base_llm=args.base_llm,
                 allow_pickle=args.allow_pickle, projector_only=args.projector_only, dtype=args.dtype,

@@ -4,7 +4,8 @@
 
 prints the resolved recipe's batch arithmetic for N processes (per device x processes x accumulation) and fails,
 with the config's own message, when the recipe or an override does not load or `batch.global_batch_size` does
-not fit, so a bad launch stops before torchrun starts N processes.
+not fit, so a bad launch stops before torchrun starts N processes. The scripts pass `--quiet`: the run itself
+prints the batch once it starts, so the console shows it once per stage.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("recipe")
     parser.add_argument("--world-size", type=int, required=True, help="processes in all (GPUs x nodes)")
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
+    parser.add_argument("--quiet", action="store_true", help="check only; print nothing when the launch is fine")
     args = parser.parse_intermixed_args(argv)
     try:
         config = load_config(args.recipe, args.overrides)
@@ -28,8 +30,9 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as error:
         print(f"error: {error}", file=sys.stderr)
         return 2
-    print(f"effective {config.batch.describe(args.world_size)}"
-          + (f"; deepspeed {config.deepspeed}" if config.deepspeed else "") + f"; output {config.output_dir}")
+    if not args.quiet:
+        print(f"effective {config.batch.describe(args.world_size)}"
+              + (f"; deepspeed {config.deepspeed}" if config.deepspeed else "") + f"; output {config.output_dir}")
     return 0
 
 

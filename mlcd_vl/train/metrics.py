@@ -116,12 +116,13 @@ def step_record(step: int, epoch: float, counts: StepCounts, seconds: float, lrs
 
 
 def format_record(record: dict) -> str:
-    lrs = " ".join(f"{name}={lr:.2e}" for name, lr in record["lr"].items())
-    grad = f"{record['grad_norm']:.3f}" if record["grad_norm"] is not None else "n/a"
+    """The console's step line, within 100 columns: the largest learning rate (every group's rate, samples/s and
+    supervised tokens/s are in metrics.jsonl and the trackers)."""
+    lr = f"{max(record['lr'].values()):.1e}" if record["lr"] else "n/a"
+    grad = f"{record['grad_norm']:.3g}" if record["grad_norm"] is not None else "n/a"
     mfu = f"{100 * record['mfu']:.1f}%" if record["mfu"] is not None else "n/a"
-    return (f"step {record['step']} | loss {record['loss']:.4f} | lr {lrs} | grad {grad} | "
-            f"tok/s {record['tokens_per_s']:.0f} | sup tok/s {record['supervised_tokens_per_s']:.0f} | "
-            f"samples/s {record['samples_per_s']:.2f} | pad {100 * record['padding_fraction']:.1f}% | MFU {mfu}")
+    return (f"step {record['step']}  loss {record['loss']:.4f}  lr {lr}  grad {grad}  "
+            f"{record['tokens_per_s']:.0f} tok/s  pad {100 * record['padding_fraction']:.0f}%  MFU {mfu}")
 
 
 class MetricsWriter:

@@ -1,6 +1,6 @@
 """Train a VLM from a recipe: `python -m mlcd_vl.train RECIPE [section.key=value ...]`.
 
-One linear recipe for both stages (reference-spec 5), read top to bottom:
+One linear recipe for both stages (upstream's `train()`), read top to bottom:
 
 1. config: recipe YAML + dotted overrides -> `TrainConfig`, written back as `<output_dir>/train_config.yaml`;
 2. model: `build_vlm` from the LLM and the tower (stage 1: square + flat, a `LlavaForConditionalGeneration`;
@@ -106,6 +106,7 @@ def train(config) -> TrainResult:
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
 
+    from mlcd_vl.console import quiet_deepspeed_cpu_notice
     from mlcd_vl.data.problems import ProblemLog
     from mlcd_vl.model.checkpoint import save_vlm
     from mlcd_vl.train import checkpointing, loader, lora, metrics, models, optim, zero
@@ -116,6 +117,8 @@ def train(config) -> TrainResult:
     # 1. Config ---------------------------------------------------------------------------------------------------
     if config.deepspeed:
         zero.single_process_launch_env()  # DeepSpeed needs a process group, even for one process
+    else:
+        quiet_deepspeed_cpu_notice()  # saving imports DeepSpeed when it is installed, and on CPU it says so
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun's ranks need cpu=True (gloo)
     main, world_size = state.is_main_process, state.num_processes
     output_dir = Path(config.output_dir)
@@ -125,7 +128,8 @@ def train(config) -> TrainResult:
     set_seed(config.seed)
     stage1 = config.stage1
     say = print if main else (lambda *_: None)
-    say(f"stage {1 if stage1 else 2} recipe -> {output_dir}; {config.batch.describe(world_size)}")
+    say(f"stage {1 if stage1 else 2}: effective {config.batch.describe(world_size)}"
+        + (f"; deepspeed {config.deepspeed}" if config.deepspeed else "") + f"; output {output_dir}")
 
     # 2. Model ----------------------------------------------------------------------------------------------------
     with state.main_process_first():  # the tiny preset is written once

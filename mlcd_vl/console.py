@@ -1,0 +1,51 @@
+"""What the terminal shows: plain-text tables, and one third-party notice kept out of the way.
+
+`text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
+raw Python dicts. `quiet_deepspeed_cpu_notice()` drops DeepSpeed's "Setting accelerator to CPU" warning: DeepSpeed
+prints it whenever it is imported on a machine without a GPU, and transformers / accelerate import it on every
+`save_pretrained` when it is installed, so a CPU command that never uses DeepSpeed would print it several times.
+Commands call it unless they run DeepSpeed themselves (a DeepSpeed run keeps the notice).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+DEEPSPEED_LOGGER = "DeepSpeed"  # deepspeed.utils.logging's logger; a filter set before its import survives it
+DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
+
+
+class _DropDeepSpeedCpuNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return DEEPSPEED_CPU_NOTICE not in record.getMessage()
+
+
+def quiet_deepspeed_cpu_notice() -> None:
+    """Drop DeepSpeed's CPU-accelerator warning in this process (idempotent; nothing else DeepSpeed logs)."""
+    logger = logging.getLogger(DEEPSPEED_LOGGER)
+    if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in logger.filters):
+        logger.addFilter(_DropDeepSpeedCpuNotice())
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text.rstrip("%").replace(",", ""))
+    except ValueError:
+        return False
+    return True
+
+
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
+    """Rows under headers in aligned columns (numeric columns right-aligned), one line per row."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    numeric = [all(_is_number(row[i]) or not row[i] for row in cells[1:]) and len(cells) > 1
+               for i in range(len(headers))]
+
+    def line(row: list[str]) -> str:
+        parts = [c.rjust(w) if right else c.ljust(w) for c, w, right in zip(row, widths, numeric)]
+        return (indent + "  ".join(parts)).rstrip()
+
+    rule = indent + "  ".join("-" * w for w in widths)
+    return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
