@@ -1,5 +1,6 @@
-"""`mlcd-vl data check` on a mixed good/bad JSONL dataset: every planted problem is reported by record id, the
-statistics count the usable records, the PNG histogram and JSON report are written, and the exit code says so."""
+"""`mlcd-vl data check` on a mixed good/bad JSONL dataset: every planted problem is reported by record id (on the
+console with its detail, and in report.json), the statistics count the usable records and print as a table, the PNG
+histogram and JSON report are written, and the exit code says so. A forgotten --image-folder gets a hint."""
 
 from __future__ import annotations
 
@@ -32,13 +33,18 @@ def _write_dataset(root):
         "long_question": ("no_supervised_tokens", record("long_question", "colour " * 200, "A.")),
         "late_image": ("truncation_cuts_image", record("late_image", "colour " * 100, "Ok.", "<image>\nAnd?", "B.",
                                                        image="wide.png")),
+        "blank": ("empty_answer", record("blank", "<image>\nQ?", "  ", image="good.png")),
+        "dangling": ("ends_on_user_turn", record("dangling", "<image>\nQ?", "A.", "And?", image="good.png")),
+        "good0": ("duplicate_record", dict(good[0])),
     }
-    lines = [json.dumps(r) for r in good + [data for _, data in planted.values()]] + ["{not json"]
+    same_id_other_answer = record("good1", "<image>\nWhat colour?", "Another answer.", image="good.png")
+    lines = [json.dumps(r) for r in good + [data for _, data in planted.values()] + [same_id_other_answer]]
+    lines += ["{not json"]
     (root / "data.jsonl").write_text("\n".join(lines) + "\n")
     return good, planted
 
 
-def test_data_check_reports_every_planted_problem(tmp_path):
+def test_data_check_reports_every_planted_problem(tmp_path, capsys):
     good, planted = _write_dataset(tmp_path)
     out = tmp_path / "report"
     code = _run(["check", str(tmp_path / "data.jsonl"), "--tiny", "--tiny-dir", str(tmp_path / "tiny"),
@@ -50,11 +56,35 @@ def test_data_check_reports_every_planted_problem(tmp_path):
         assert found.get(record_id) == problem, (record_id, found)
     assert any(p["problem"] == "bad_record" and "line" in p["id"] for p in report["problems"])
     assert report["skipped"]["total"] == len(planted) + 1
-    assert report["usable"] == len(good) and report["records"] == len(good) + len(planted) + 1
-    assert report["modalities"] == {"image": len(good) - 1, "text": 1}
-    assert report["visual_tokens_per_image"]["count"] == len(good)  # 5 single, 1 text-only, 1 with two images
+    usable = len(good) + 1  # the record that shares good1's id with another answer is a different sample: kept
+    assert report["usable"] == usable and report["records"] == usable + len(planted) + 1
+    assert report["modalities"] == {"image": usable - 1, "text": 1}
+    assert report["visual_tokens_per_image"]["count"] == usable  # 6 single, 1 text-only, 1 with two images
     assert report["sequence_tokens"]["max"] <= 150
+    assert report["shared_ids"] == {"count": 1, "records": 2, "examples": {"good1": 2}}
     assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+    console = capsys.readouterr().out
+    for line in ("image_missing: 1 record(s)", f"  lost: {tmp_path / 'lost.png'}: image file not found",
+                 "  blank: gpt turn 1 of 1 is empty or whitespace",
+                 "  dangling: the last turn is a human turn without an answer",
+                 "  good0: the same id and content as record data.jsonl#0, which is kept"):
+        assert line in console.splitlines(), (line, console)
+    assert "note: 1 id(s) are shared by 2 records" in console and "{'count'" not in console
+    header = next(line for line in console.splitlines() if line.startswith("usable records"))
+    assert header.split() == ["usable", "records", "count", "min", "p50", "mean", "p90", "p99", "max"]
+    assert "hint:" not in console
+
+
+def test_data_check_hints_at_a_forgotten_image_folder(tmp_path, capsys, monkeypatch):
+    _write_dataset(tmp_path)
+    monkeypatch.chdir(tmp_path / "..")
+    code = _run(["check", str(tmp_path / "data.jsonl"), "--tiny", "--tiny-dir", str(tmp_path / "tiny"),
+                 "--max-length", "150"])
+    assert code == 1
+    console = capsys.readouterr().out
+    assert "hint: every image is missing and no --image-folder was given" in console
+    assert (tmp_path / ".." / "runs" / "data-check" / "report.json").is_file()  # the default --out, git-ignored
 
 
 def test_data_check_clean_dataset_exits_zero(tmp_path, capsys):

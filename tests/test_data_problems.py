@@ -58,6 +58,11 @@ BAD_CASES = {
                                                               {"from": "robot", "value": "Beep"}]},
                      Problem.BAD_CONVERSATION),
     "no_conversations": ({"id": "no_conversations", "image": "good.png"}, Problem.BAD_RECORD),
+    "empty_answer": (record("empty_answer", ASK, " \n\t ", image="good.png"), Problem.EMPTY_ANSWER),
+    "empty_second_answer": (record("empty_second_answer", ASK, ANSWER, "And the shape?", "", image="good.png"),
+                            Problem.EMPTY_ANSWER),
+    "ends_on_user_turn": (record("ends_on_user_turn", ASK, ANSWER, "And the shape?", image="good.png"),
+                          Problem.ENDS_ON_USER_TURN),
     "no_supervised_after_truncation": (record("no_supervised_after_truncation", "Tell me " + "more and more " * 40,
                                               ANSWER), Problem.NO_SUPERVISED_TOKENS),
     "truncation_cuts_image": (record("truncation_cuts_image", ASK, ANSWER, image="good.png"),
@@ -94,6 +99,30 @@ def test_scan_finds_problems_without_decoding_except_pixel_damage(tokenizer, fol
     decoded = {s.record_id for s in scan(dataset, decode_images=True).skipped}
     assert "good" not in decoded and "truncated" in decoded and "truncated" not in headers
     assert decoded - headers == {"truncated"}
+
+
+def test_a_repeated_record_is_skipped_once_its_first_copy_is_kept(tokenizer, folder, tmp_path):
+    """Same id and content again: skipped (strict: an error); same id with other content: kept, a different sample;
+    the same place drawn twice by a mixture (a file listed twice to up-weight it): kept."""
+    first = record("a", ASK, ANSWER, image="good.png")
+    records = [first, record("b", ASK, ANSWER, image="good.png"), dict(first),
+               record("a", ASK, "It is blue.", image="good.png"), dict(first)]
+    dataset = dataset_for(tokenizer, folder, tmp_path, records)
+    log = ProblemLog(log_first=0)
+    table = scan(dataset, log=log)
+    assert [(s.record_id, s.problem) for s in table.skipped] == [("a", Problem.DUPLICATE_RECORD)] * 2
+    assert "data.json#0" in table.skipped[0].detail
+    assert (table.lengths > 0).tolist() == [True, True, False, True, False]
+    assert log.counts == {"duplicate_record": 2}
+    with pytest.raises(DataError, match="duplicate_record"):
+        scan(dataset_for(tokenizer, folder, tmp_path, records, strict=True))
+
+    (tmp_path / "mix.yaml").write_text("datasets:\n  - json_path: data.json\n  - json_path: data.json\n")
+    (tmp_path / "data.json").write_text(json.dumps(records[:2]))
+    mixture = SupervisedDataset.from_config(DataConfig(train=str(tmp_path / "mix.yaml"), image_folder=str(folder),
+                                                       max_image_pixels=200 * 200),
+                                            tokenizer, tiny_settings("anyres"))
+    assert len(mixture) == 4 and scan(mixture).skipped == []
 
 
 def test_truncation_keeps_whole_images_only(tokenizer, folder, tmp_path):

@@ -8,6 +8,12 @@ record would be skipped, so the command can gate a training launch.
 
 `data manifest DATA` writes the data manifest (what a run sees, pinned by hash) and `data check --manifest M`
 verifies that local data is the dataset it describes (`manifest_cli`).
+
+Training skips exactly the records listed here, for the same reasons (`data.strict: true` makes each an error):
+missing / empty / unreadable / oversized images, a wrong number of `<image>` placeholders, malformed records and
+conversations, an empty or whitespace-only answer, a conversation that ends on a question, a record repeated with
+the same id and content (the first copy is kept), truncation that would cut an image or leave nothing to learn.
+Ids shared by records whose contents differ are reported but kept (they are different samples).
 """
 
 from __future__ import annotations
@@ -23,8 +29,17 @@ from mlcd_vl.data import manifest_cli
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     commands = parser.add_subparsers(dest="data_command", metavar="ACTION")
-    check = commands.add_parser("check", help="scan a dataset and report every problem by record; with --manifest, "
-                                              "verify it is the dataset the manifest describes")
+    check = commands.add_parser(
+        "check", help="scan a dataset and report every problem by record; with --manifest, verify it is the "
+                      "dataset the manifest describes",
+        description="Read every record the way training will (template, tokenizer, image sizes and visual-token "
+                    "counts, truncation) and report each record training would skip, by id and reason, with "
+                    "token-length statistics and a histogram. Exit status 1 when any record would be skipped. "
+                    "With --manifest, also verify the data is the dataset a data manifest describes.",
+        epilog="example:\n  mlcd-vl data check runs/demo/data/chat.json --model runs/demo/stage2 \\\n"
+               "      --image-folder runs/demo/data/images\n"
+               "  mlcd-vl data check train.json --tiny --image-folder images/ --headers-only --workers 8",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     check.add_argument("data", nargs="?", help="JSON/JSONL file, parquet, saved HF dataset, YAML mixture or preset "
                                                "name (with --manifest: default the manifest's)")
     check.add_argument("--manifest", help="a data manifest (`data manifest`): verify the data against it, exit 1 and "
@@ -38,11 +53,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--max-length", type=int, default=32768, help="tokens after <image> expansion")
     check.add_argument("--template", help="override the model's template (plain, qwen_1_5)")
     check.add_argument("--image-mode", help="override the model's image mode (square, pad, anyres, anyres_max_N)")
-    check.add_argument("--label-mode", default="default", choices=("default", "upstream"))
+    check.add_argument("--label-mode", default="default", choices=("default", "upstream"),
+                       help="which tokens are trained: default (assistant turns) or upstream (its masking quirk)")
     check.add_argument("--headers-only", action="store_true", help="read image headers instead of decoding images")
     check.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
     check.add_argument("--seed", type=int, default=0, help="seed of random mixture subsets")
-    check.add_argument("--out", default="data-check", help="folder for report.json and lengths.png")
+    check.add_argument("--out", default=os.path.join("runs", "data-check"),
+                       help="folder for report.json and lengths.png")
     manifest_cli.add_common(check)
     manifest_cli.add_parser(commands)
 
@@ -112,14 +129,25 @@ def _histogram(lengths, max_length: int, path: Path) -> None:
     plt.close(figure)
 
 
+def shared_ids(stats) -> dict[str, int]:
+    """Ids carried by several usable records whose contents differ (kept: they are different samples)."""
+    from collections import Counter
+
+    counts = Counter(s.record_id for s in stats)
+    return {record_id: count for record_id, count in counts.items() if count > 1}
+
+
 def build_report(args, table, log, dataset) -> dict:
     stats = [s for s in table.stats if s is not None]
     visual_per_image = [count for s in stats for count in s.visual_tokens]
+    shared = shared_ids(stats)
     return {
         "data": args.data, "model": args.model or "tiny", "template": dataset.builder.template.name,
         "image_mode": dataset.settings.image_mode, "max_length": args.max_length, "label_mode": args.label_mode,
         "records": len(dataset) + len(dataset.load_problems), "usable": len(stats), "skipped": log.to_dict(),
         "problems": [{"id": s.record_id, "problem": s.problem.value, "detail": s.detail} for s in table.skipped],
+        "shared_ids": {"count": len(shared), "records": sum(shared.values()),
+                       "examples": dict(list(shared.items())[:5])},
         "truncated": sum(s.truncated for s in stats),
         "modalities": {"image": sum(bool(s.visual_tokens) for s in stats),
                        "text": sum(not s.visual_tokens for s in stats)},
@@ -142,10 +170,15 @@ def run(args) -> int:
         print("usage: mlcd-vl data check DATA (--model DIR | --tiny) [--manifest M] [options] | "
               "mlcd-vl data manifest DATA [options]; see `mlcd-vl data check -h`")
         return 2
+    from transformers.utils import logging as hf_logging
+
+    from mlcd_vl.console import quiet_deepspeed_cpu_notice
     from mlcd_vl.data.dataset import SupervisedDataset, scan
     from mlcd_vl.data.problems import ProblemLog
     from mlcd_vl.data.config import DataConfig
 
+    hf_logging.disable_progress_bar()  # writing the tiny assets is not news
+    quiet_deepspeed_cpu_notice()
     tokenizer, settings = _model_inputs(args)
     config = DataConfig(train=args.data, image_folder=args.image_folder, max_length=args.max_length,
                         label_mode=args.label_mode, preset_dir=args.preset_dir, cache_dir=args.cache_dir)
@@ -161,9 +194,45 @@ def run(args) -> int:
         _histogram(lengths, args.max_length, out / "lengths.png")
         report["histogram"] = str(out / "lengths.png")
     (out / "report.json").write_text(json.dumps(report, indent=2))
-    print(f"{report['records']} records, {report['usable']} usable, {report['truncated']} truncated")
-    print(log.summary("problems"))
-    print(f"sequence tokens: {report['sequence_tokens']}")
-    print(f"visual tokens per image: {report['visual_tokens_per_image']}")
+    print(console_summary(report, table.skipped, args.image_folder))
     print(f"report: {out / 'report.json'}")
     return 1 if log.total or verified else 0
+
+
+STATISTICS = (("sequence tokens", "sequence_tokens"), ("text tokens", "text_tokens"),
+              ("supervised tokens", "supervised_tokens"), ("visual tokens per image", "visual_tokens_per_image"),
+              ("images per record", "images_per_record"))
+DETAILS_PER_PROBLEM = 3  # records shown with their detail on the console (report.json has every one)
+
+
+def console_summary(report: dict, skipped, image_folder: str | None) -> str:
+    """What the console shows: counts, each problem with the detail of its first few records, the statistics."""
+    from mlcd_vl.console import text_table
+
+    lines = [f"{report['records']} records, {report['usable']} usable, {report['truncated']} truncated"]
+    counts = report["skipped"]["counts"]
+    if not counts:
+        lines.append("problems: none")
+    for problem, count in counts.items():
+        lines.append(f"{problem}: {count} record(s)")
+        shown = [s for s in skipped if s.problem.value == problem][:DETAILS_PER_PROBLEM]
+        lines += [f"  {s.record_id}: {s.detail}" for s in shown]
+        if count > len(shown):
+            lines.append(f"  ... and {count - len(shown)} more (report.json lists every one)")
+    missing = counts.get("image_missing", 0)
+    if missing and not image_folder and not report["modalities"]["image"]:
+        lines.append("hint: every image is missing and no --image-folder was given; relative image paths are "
+                     "read from the current folder (pass --image-folder DIR, or data.image_folder in a recipe)")
+    shared = report["shared_ids"]
+    if shared["count"]:
+        examples = ", ".join(f"{k} (x{v})" for k, v in shared["examples"].items())
+        lines.append(f"note: {shared['count']} id(s) are shared by {shared['records']} records with different "
+                     f"contents, e.g. {examples}; all are kept (an order file cannot name them)")
+    rows = []
+    for label, key in STATISTICS:
+        values = report[key]
+        if values["count"]:
+            rows.append([label] + [f"{values[k]:g}" for k in ("count", "min", "p50", "mean", "p90", "p99", "max")])
+    if rows:
+        lines += ["", text_table(["usable records", "count", "min", "p50", "mean", "p90", "p99", "max"], rows)]
+    return "\n".join(lines)

@@ -8,7 +8,8 @@ tokenizer given as a folder) is created lazily, once per worker process, never p
 process inside the batch, where a `ProblemLog` counts them); with `strict=True` it raises `DataError` instead.
 
 `scan` measures every record without pixel work (image headers only, unless `decode_images`), in worker processes
-with a progress bar: exact token lengths for length grouping and packing, and the records to leave out up front.
+with a progress bar: exact token lengths for length grouping and packing, and the records to leave out up front,
+among them every repeat of an earlier record (same id and content; the first copy is kept).
 """
 
 from __future__ import annotations
@@ -123,6 +124,26 @@ class LengthTable:
         return cls(data["lengths"], data["has_image"], skipped)
 
 
+def repeated_records(dataset: SupervisedDataset, fingerprints: np.ndarray, usable: np.ndarray) -> list[tuple[int, int]]:
+    """(index, index of the first copy) for every usable record that repeats an earlier one: the same id and content
+    (`record_fingerprint`, confirmed record by record) at another place in the data. The same place drawn twice (a
+    mixture that lists a file twice to up-weight it) is not a repeat."""
+    candidates = np.flatnonzero(usable)
+    values, counts = np.unique(fingerprints[candidates], return_counts=True)
+    repeats = []
+    for value in values[counts > 1]:
+        members = candidates[fingerprints[candidates] == value]  # in dataset order
+        kept: list = []  # (index, source record) of the distinct records seen so far
+        for index in members.tolist():
+            source = dataset.records[index]
+            first = next((i for i, other in kept if other.record == source.record), None)
+            if first is None:
+                kept.append((index, source))
+            elif dataset.records[first].origin != source.origin:
+                repeats.append((index, first))
+    return sorted(repeats)
+
+
 _WORKER_DATASET: SupervisedDataset | None = None
 
 
@@ -143,6 +164,7 @@ def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = 
     """Measure every record (in `workers` processes when > 0); skipped records are added to `log` if given."""
     total = len(dataset)
     lengths, has_image = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=bool)
+    fingerprints = np.zeros(total, dtype=np.int64)
     stats: list[SampleStats | None] = [None] * total
     skipped: list[SkippedRecord] = list(dataset.load_problems)
     if workers > 0:
@@ -160,6 +182,7 @@ def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = 
                 skipped.append(result)
             else:
                 lengths[index], has_image[index] = result.length, bool(result.visual_tokens)
+                fingerprints[index] = result.fingerprint
                 if keep_stats:
                     stats[index] = result
         if bar is not None:
@@ -174,6 +197,13 @@ def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = 
             consume([(i, dataset.measure(i, decode_images=decode)) for i in range(start, stop)])
     if bar is not None:
         bar.close()
+    for index, first in repeated_records(dataset, fingerprints, lengths > 0):
+        duplicate = SkippedRecord(record_id_of(dataset.records[index]), Problem.DUPLICATE_RECORD,
+                                  f"the same id and content as record {dataset.records[first].origin}, which is kept")
+        if dataset.config.strict:
+            raise DataError(duplicate)
+        lengths[index], has_image[index], stats[index] = 0, False, None
+        skipped.append(duplicate)
     if log is not None:
         log.extend(skipped)
     return LengthTable(lengths, has_image, skipped, stats if keep_stats else None)

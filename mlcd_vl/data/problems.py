@@ -29,6 +29,9 @@ class Problem(str, Enum):
     IMAGE_TOO_LARGE = "image_too_large"  # pixel-count guard
     IMAGE_COUNT_MISMATCH = "image_count_mismatch"  # number of <image> placeholders != number of images
     BAD_CONVERSATION = "bad_conversation"  # no user/assistant turns, unknown roles, template cannot render it
+    EMPTY_ANSWER = "empty_answer"  # an assistant turn that is empty or only whitespace (nothing to learn but the end)
+    ENDS_ON_USER_TURN = "ends_on_user_turn"  # the last turn is a question with no answer (often a cut record)
+    DUPLICATE_RECORD = "duplicate_record"  # same id and same content as an earlier record, which is kept
     BAD_RECORD = "bad_record"  # not a record at all (malformed JSON line, missing conversations)
     TRUNCATION_CUTS_IMAGE = "truncation_cuts_image"  # max_length falls inside an image block
     NO_SUPERVISED_TOKENS = "no_supervised_tokens"  # nothing left to train on (often after truncation)

@@ -1,4 +1,4 @@
-"""Record -> training sample: the label builder (reference-spec 3 and 4.1).
+"""Record -> training sample: the label builder (upstream `train.py`'s preprocessing, made exact).
 
 One pass per record, in this order, cheapest checks first:
 
@@ -18,7 +18,9 @@ error naming the record.
 
 from __future__ import annotations
 
+import hashlib
 import io
+import json
 import os
 from dataclasses import dataclass, field
 
@@ -67,6 +69,7 @@ class SampleStats:
     visual_tokens: list[int] = field(default_factory=list)
     supervised_tokens: int = 0
     truncated: bool = False
+    fingerprint: int = 0  # `record_fingerprint`: equal for records with the same id and content
 
     @property
     def modality(self) -> str:
@@ -139,6 +142,12 @@ class SampleBuilder:
         roles = {m.role for m in messages}
         if "user" not in roles or "assistant" not in roles:
             raise RecordProblem(Problem.BAD_CONVERSATION, "needs at least one human and one gpt turn")
+        answers = [m.content for m in messages if m.role == "assistant"]
+        empty = next((n for n, text in enumerate(answers, start=1) if not text.strip()), None)
+        if empty is not None:
+            raise RecordProblem(Problem.EMPTY_ANSWER, f"gpt turn {empty} of {len(answers)} is empty or whitespace")
+        if messages[-1].role == "user":
+            raise RecordProblem(Problem.ENDS_ON_USER_TURN, "the last turn is a human turn without an answer")
         refs = _image_refs(record)
         if refs and self.config.image_to_front:
             messages = [Message(m.role, _move_image_to_front(m.content)) for m in messages]
@@ -268,7 +277,23 @@ class SampleBuilder:
         tokens = self.tokenize(messages, [self.visual_tokens(size, mode) for size in sizes])
         visual = [count for _, count in tokens.spans]
         return SampleStats(record_id, len(tokens.ids), len(tokens.ids) - sum(visual), visual,
-                           int((tokens.labels[1:] != IGNORE_INDEX).sum()), tokens.truncated)
+                           int((tokens.labels[1:] != IGNORE_INDEX).sum()), tokens.truncated,
+                           record_fingerprint(source.record))
+
+
+def _digest_of(value) -> str:
+    """JSON stand-in for what JSON cannot hold (image bytes, decoded images), for fingerprints."""
+    if isinstance(value, (bytes, bytearray)):
+        return hashlib.blake2b(bytes(value), digest_size=16).hexdigest()
+    if isinstance(value, Image.Image):
+        return f"{value.mode}{value.size}" + hashlib.blake2b(value.tobytes(), digest_size=16).hexdigest()
+    return repr(value)
+
+
+def record_fingerprint(record) -> int:
+    """A 64-bit hash of a whole record (its id, turns and images) as a signed int: equal records, equal numbers."""
+    text = json.dumps(record, sort_keys=True, ensure_ascii=False, default=_digest_of)
+    return int.from_bytes(hashlib.blake2b(text.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
 def record_id_of(source: SourceRecord) -> str:
