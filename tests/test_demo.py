@@ -92,3 +92,17 @@ def test_quick_demo_trains_evaluates_and_chats(tmp_path):
     report = (workdir / "report.md").read_text()
     for link in ("stage1/loss_curve.png", "stage2/loss_curve.png", "stage2/train_config.yaml", "_results.json"):
         assert link in report, link
+
+
+def test_demo_tasks_keep_only_the_metrics_their_data_produces(tmp_path):
+    """Every held-out item is a ChartQA "human_test" item: the augmented-split metric would never get a value, so
+    the demo's tasks leave it out (and `eval summarize --require` can pass on them)."""
+    import yaml
+
+    from mlcd_vl.demo.stages import DEMO_METRICS, write_tasks
+
+    (tmp_path / "colour.parquet").write_bytes(b"")
+    (name,) = write_tasks({"colour": tmp_path / "colour.parquet"}, tmp_path / "tasks")
+    text = (tmp_path / "tasks" / f"{name}.yaml").read_text().replace("!function", "")
+    metrics = [entry["metric"] for entry in yaml.safe_load(text)["metric_list"]]
+    assert metrics == list(DEMO_METRICS) == ["relaxed_overall", "relaxed_human_split"]

@@ -122,3 +122,28 @@ def test_cli_passes_lmms_arguments_through_and_writes_task_dirs(tmp_path, capsys
     (tmp_path / "data" / "ocrbench.parquet").write_bytes(b"")
     assert main(["tasks", str(tmp_path / "data"), str(tmp_path / "out")]) == 0
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["mlcd_ocrbench_local.yaml"]
+
+
+def test_tasks_outside_the_mlcd_table_get_their_own_table(tmp_path):
+    """The CPU demo's tasks (ChartQA's metrics without its augmented split) show their scores, and pass --require."""
+    demo = {"alias": "mlcd_demo_colour", "relaxed_overall,none": 0.9583, "relaxed_overall_stderr,none": 0.0417,
+            "relaxed_overall_stderr_clustered,none": "N/A", "relaxed_human_split,none": 0.9583}
+
+    def only_demo(data):
+        data["results"] = {"mlcd_demo_colour": demo}
+        data["n-samples"] = {"mlcd_demo_colour": {"original": 24, "effective": 24}}
+        data["configs"] = {"mlcd_demo_colour": {"metric_list": [{"metric": "relaxed_overall"},
+                                                                {"metric": "relaxed_human_split"}]}}
+
+    folder = _copy(tmp_path, only_demo)
+    text = summarize_paths([folder]).markdown
+    assert "| [1] mlcd_llava: model | mlcd_demo_colour | relaxed_overall | 0.9583 | 24 |" in text
+    assert "| [1] mlcd_llava: model | mlcd_demo_colour | relaxed_human_split | 0.9583 | 24 |" in text
+    assert "stderr" not in text and "published:" not in text and "| Model | ChartQA |" not in text
+    assert check_results([folder], ["mlcd_demo_colour"]) == []
+
+    def both(data):
+        data["results"]["mlcd_demo_colour"] = demo
+    text = summarize_paths([_copy(tmp_path / "both", both)]).markdown
+    assert "| [1] mlcd_llava: model | 0.00 | 0.00 | 0.00 | 0.0 | 50.00 |" in text and "published:" in text
+    assert "| [1] mlcd_llava: model | mlcd_demo_colour | relaxed_overall | 0.9583 | ? |" in text

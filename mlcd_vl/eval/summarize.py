@@ -2,10 +2,11 @@
 
 Reads `*_results.json` files (from the folders given, recursively) and, when present beside them, the per-sample
 logs `*_samples_<task>.jsonl`. Scores are shown as the paper reports them: ChartQA relaxed accuracy x100, DocVQA and
-InfoVQA ANLS x100, OCRBench points out of 1000, MMMU accuracy x100 (reference-spec 6.3). Each score is recorded with
+InfoVQA ANLS x100, OCRBench points out of 1000, MMMU accuracy x100 (the MLCD README). Each score is recorded with
 the lmms-eval version, the chat template and every generation setting `mlcd_llava` used for it (the same
 `effective_generation` the adapter runs). Warnings: OCRBench on fewer than its 1000 items (lmms-eval always divides
-by 1000), runs on fewer documents than the official split, empty answers in the sample logs.
+by 1000), runs on fewer documents than the official split, empty answers in the sample logs. Tasks outside the MLCD
+table (the CPU demo's skills, your own tasks) get a table of their own with every metric lmms-eval recorded.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from mlcd_vl.eval.tasks import BENCHMARKS, Benchmark, benchmark_for_task
 
 COLUMNS = [b.name for b in BENCHMARKS]
 
-#: reference-spec 6.3: LLaVA-NeXT recipe, Qwen2.5-7B, LCS-558K + LLaVA-NeXT-Data, lmms-eval 0.2.0.
+#: The MLCD README's table: LLaVA-NeXT recipe, Qwen2.5-7B, LCS-558K + LLaVA-NeXT-Data, lmms-eval 0.2.0.
 PUBLISHED: list[tuple[str, dict[str, float]]] = [
     ("CLIP (ViT-L-14-336px)", dict(ChartQA=66.52, DocVQA=75.21, InfoVQA=38.88, OCRBench=525, MMMU=44.20)),
     ("SigLIP (ViT-SO400M-384px)", dict(ChartQA=69.28, DocVQA=76.71, InfoVQA=41.38, OCRBench=554, MMMU=46.78)),
@@ -57,6 +58,15 @@ class Run:
     batch_size: str
     scores: dict[str, Score] = field(default_factory=dict)
     other_tasks: list[str] = field(default_factory=list)
+    other_scores: dict[str, "OtherScore"] = field(default_factory=dict)  # task -> its metrics, as recorded
+
+
+@dataclass
+class OtherScore:
+    """A task outside the MLCD table: every numeric metric lmms-eval recorded for it (no unit conversion)."""
+
+    metrics: dict[str, float]
+    documents: int | None
 
 
 @dataclass
@@ -157,6 +167,8 @@ def read_run(path: Path, warnings: list[str]) -> Run:
         benchmark = benchmark_for_task(task)
         if benchmark is None:
             run.other_tasks.append(task)
+            run.other_scores[task] = OtherScore(_recorded_metrics(metrics),
+                                                (data.get("n-samples") or {}).get(task, {}).get("effective"))
             continue
         raw = metrics.get(f"{benchmark.metric},none")
         value = float(raw) * benchmark.scale if isinstance(raw, (int, float)) else None
@@ -191,6 +203,17 @@ def read_run(path: Path, warnings: list[str]) -> Run:
     return run
 
 
+def _recorded_metrics(metrics: dict) -> dict[str, float]:
+    """`{"relaxed_overall,none": 0.9, "relaxed_overall_stderr,none": ...}` -> `{"relaxed_overall": 0.9}`."""
+    values = {}
+    for key, value in metrics.items():
+        name, _, filter_name = key.partition(",")
+        if "_stderr" in name or not isinstance(value, (int, float)) or isinstance(value, bool):
+            continue
+        values[name if filter_name in ("none", "") else f"{name} ({filter_name})"] = float(value)
+    return values
+
+
 def _number(value: float | None, benchmark_name: str) -> str:
     if value is None:
         return "-"
@@ -207,25 +230,38 @@ def _stop(generation: dict) -> str:
 
 
 def render(runs: list[Run], warnings: list[str], published: bool = True) -> str:
-    lines = ["# Evaluation summary", "",
-             "Units: ChartQA relaxed accuracy x100 (test), DocVQA and InfoVQA ANLS x100 (val), OCRBench points of "
-             "1000, MMMU accuracy x100 (val).", "",
-             "| Model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
-    for number, run in enumerate(runs, start=1):
+    lines = ["# Evaluation summary"]
+    mlcd_runs = [(number, run) for number, run in enumerate(runs, start=1) if run.scores]
+    if mlcd_runs:
+        lines += ["", "Units: ChartQA relaxed accuracy x100 (test), DocVQA and InfoVQA ANLS x100 (val), OCRBench "
+                      "points of 1000, MMMU accuracy x100 (val).", "",
+                  "| Model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
+    for number, run in mlcd_runs:
         cells = [_number(run.scores[c].value, c) if c in run.scores else "" for c in COLUMNS]
         lines.append(f"| [{number}] {_run_label(run)} | " + " | ".join(cells) + " |")
-    if published:
+    if published and mlcd_runs:
         for name, row in PUBLISHED:
             cells = [_number(row[c], c) for c in COLUMNS]
             lines.append(f"| published: {name} | " + " | ".join(cells) + " |")
         lines += ["", "Published rows: MLCD README (LLaVA-NeXT recipe, Qwen2.5-7B, LCS-558K + LLaVA-NeXT-Data, "
                       "lmms-eval 0.2.0, `llava` model with fp16 and the checkpoint's repetition_penalty 1.05)."]
+    other = [(number, run) for number, run in enumerate(runs, start=1) if run.other_scores]
+    if other:
+        lines += ["", "Other tasks (not in the MLCD table; metrics as lmms-eval records them, 1.0 = 100%):", "",
+                  "| Model | task | metric | score | documents |", "|---|---|---|---:|---:|"]
+        for number, run in other:
+            for task, score in run.other_scores.items():
+                for metric, value in score.metrics.items():
+                    documents = score.documents if score.documents is not None else "?"
+                    lines.append(f"| [{number}] {_run_label(run)} | {task} | {metric} | {value:.4f} | {documents} |")
     for number, run in enumerate(runs, start=1):
         lines += ["", f"## [{number}] {run.path}", "",
                   f"- lmms-eval: {run.lmms_eval_version}",
                   f"- model: `{run.model}`, model_args `{run.model_args}`, batch size {run.batch_size}",
-                  f"- template: {run.template}", "",
-                  "| Benchmark | task | score | documents | max_new_tokens | temperature | top_p | top_k | "
+                  f"- template: {run.template}"]
+        if not run.scores:
+            continue
+        lines += ["", "| Benchmark | task | score | documents | max_new_tokens | temperature | top_p | top_k | "
                   "num_beams | repetition_penalty | stop strings (until) |",
                   "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
         for column in COLUMNS:
@@ -240,8 +276,6 @@ def render(runs: list[Run], warnings: list[str], published: bool = True) -> str:
             lines.append(f"| {column} | {s.task} | {score} | {s.documents if s.documents is not None else '?'} | "
                          f"{g['max_new_tokens']} | {g['temperature']} | {g['top_p']} | {g['top_k']} | 1 | "
                          f"{penalty} | {_stop(g)} |")
-        if run.other_tasks:
-            lines += ["", f"Other tasks in this file (not in the MLCD table): {', '.join(run.other_tasks)}"]
         if run.model != MODEL_ID:
             lines += ["", f"Generation settings above are those `{MODEL_ID}` would use; this run used `{run.model}`."]
     if warnings:
