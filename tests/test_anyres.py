@@ -1,7 +1,7 @@
 """anyres geometry and visual-token counts (mlcd_vl.model.anyres).
 
 Three independent sources of truth:
-* the reference-spec 1.11 table (real bigG-448 / ViT-L-336 grids, written out below),
+* upstream's token-count table for the real bigG-448 / ViT-L-336 grids (written out below),
 * a brute-force simulation of upstream's merge written here with NumPy/torch (tile map, `[p:H-p]` unpad slicing,
   bilinear anyres_max downscale, newline column, base prepended),
 * the upstream manifest (every sample of every model; read from manifest.json, nothing hard-coded from it).
@@ -21,7 +21,7 @@ from upstream_utils import select_best_resolution
 from mlcd_vl.model import anyres
 
 # --------------------------------------------------------------------------------------------------------------------
-# Settings of the real recipes (reference-spec 1.9 / 1.11)
+# Settings of the real recipes (upstream mm_utils.py / llava_arch.py)
 # --------------------------------------------------------------------------------------------------------------------
 
 PATCH = 14
@@ -216,7 +216,7 @@ def test_random_sizes_match_brute_force_and_bounds():
     sizes += [(rng.randint(2000, 8000), rng.randint(1, 200)) for _ in range(25)]  # very flat
     sizes += [(h, w) for w, h in sizes[-25:]]  # very tall
     bounds = {"bigG448-pin5": 5184, "vitL336-pin5": 2928, "ov336-6x6": 21_456,
-              # just below the 1.1 threshold, no downscale (reference-spec 1.11 bounds)
+              # just below the 1.1 threshold, no downscale (upstream's bounds)
               "max9-448-6x6": 12_367, "max9-336-6x6": 6_992}
     for config, (mode, crop, pinpoints) in CONFIGS.items():
         for size in sizes:

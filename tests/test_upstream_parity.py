@@ -244,7 +244,7 @@ def test_greedy_generation_matches_upstream(vectors_dir, manifest, tmp_root):
 
 def _hf_processor(folder: Path):
     """transformers' own processor with the PIL image backend (upstream's pixels). OneVision's video processor has
-    no PIL backend, so there the image processor is swapped in separately (reference-spec 9)."""
+    no PIL backend, so there the image processor is swapped in separately."""
     from transformers import AutoImageProcessor, AutoProcessor
 
     try:

@@ -23,7 +23,7 @@ class DataConfig:
     # records -> samples
     max_length: int = 32768  # tokens after <image> expansion; upstream model_max_length
     template: str | None = None  # None: the model's template
-    label_mode: str = "default"  # default (assistant turns only) | upstream (reference-spec 3.3 quirk, parity runs)
+    label_mode: str = "default"  # default (assistant turns only) | upstream (its masking quirk, parity runs)
     multi_image_mode: str = "pad"  # mode for records with several images ("pad" as upstream, or "model")
     upstream_image_convert: bool = False  # plain .convert("RGB") (alpha dropped, no EXIF) as upstream
     max_image_pixels: int = DEFAULT_MAX_PIXELS

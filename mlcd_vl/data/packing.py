@@ -10,7 +10,7 @@
   `cu_seq_lens_q/k`, `max_length_q/k`;
 * `attention_mask`: for plain SDPA / eager, a 4D block-diagonal causal *additive float* mask [1, 1, T, T] (0 = attend,
   dtype-min = blocked). Restarting position ids alone does not isolate samples with SDPA or eager, and a bool 4D
-  mask gives wrong results with eager (env-notes). It is O(T^2) memory, so it is built only when asked for;
+  mask gives wrong results with eager (transformers 5). It is O(T^2) memory, so it is built only when asked for;
 * `images` in prompt order, `record_ids` and `skipped` as in `collate.py`.
 """
 

@@ -3,7 +3,7 @@
 Both yield this rank's micro-batches as lists of dataset indices (`DataLoader(batch_sampler=...)`), computed from a
 `dataset.LengthTable` of exact token counts (records skipped by the scan never appear):
 
-* `LengthGroupedBatchSampler`: upstream's `LengthGroupedSampler` (reference-spec 4.4): random permutation ->
+* `LengthGroupedBatchSampler`: upstream's `LengthGroupedSampler` (`llava_trainer.py`): random permutation ->
   megabatches of world*accum*batch -> sorted by length -> split into world*accum chunks of balanced total length;
   with `group_by_modality`, image and text-only records are grouped separately and megabatches shuffled, the mixed
   remainder last. Upstream's key bug is gone: modality comes from the processed samples (has images), not from an

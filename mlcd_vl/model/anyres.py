@@ -1,7 +1,7 @@
 """LLaVA-NeXT anyres geometry: grid choice, unpadding and visual-token counts.
 
 Pure integer/float arithmetic, no tensors, so the data pipeline can count the visual tokens of an image without
-running the model. Every formula follows upstream `mm_utils.py` / `llava_arch.py` exactly (reference-spec 1.9-1.11),
+running the model. Every formula follows upstream `mm_utils.py` / `llava_arch.py` exactly,
 including its float evaluation order, because a one-row difference in `unpad` changes the token count.
 
 Conventions: sizes and pinpoints are (width, height) as upstream writes them. transformers' LLaVA-NeXT classes use

@@ -86,7 +86,7 @@ def build_hf_processor(tokenizer: PreTrainedTokenizerBase, settings: VLMSettings
     video_processor = LlavaOnevisionVideoProcessor(size=size, image_mean=list(settings.image_mean),
                                                    image_std=list(settings.image_std))
     unit = settings.crop_size // settings.patch_size
-    # transformers counts the CLS token in num_image_tokens (reference-spec 9): patches + 1.
+    # transformers' LLaVA processors count the CLS token in num_image_tokens: patches + 1.
     return LlavaOnevisionProcessor(image_processor=image_processor, tokenizer=tokenizer,
                                    video_processor=video_processor, num_image_tokens=unit * unit + extra_tokens,
                                    vision_feature_select_strategy=select_strategy, chat_template=chat_template,

@@ -4,7 +4,7 @@ Training, evaluation and serving all call this module instead of the composite's
 because upstream's recipe needs things transformers' classes cannot express: multi-image samples seen as single
 padded crops, text-only samples that still run the tower (ZeRO-3 needs every rank in the same collectives), packed
 rows holding several samples' images, and upstream's exact unpad rounding. The merge follows upstream's
-`prepare_inputs_labels_for_multimodal` step by step (reference-spec 1.10); the token counts it produces are the
+`prepare_inputs_labels_for_multimodal` (`llava_arch.py`) step by step; the token counts it produces are the
 ones `anyres.image_layout` predicts, which the data pipeline uses to expand `<image>`.
 
 Prompts carry one `image_token_id` per visual token (transformers' convention), so splicing is a masked scatter.

@@ -1,6 +1,6 @@
 """Image -> pixel tensors for every image mode, bit-exact with upstream's PIL + CLIPImageProcessor path.
 
-Upstream (reference-spec 1.5, 1.8, 1.9) resizes with PIL and then runs each crop through `CLIPImageProcessor`
+Upstream (mm_utils.py, train.py) resizes with PIL and then runs each crop through `CLIPImageProcessor`
 (shortest-edge bicubic resize, centre crop, rescale in float64 then cast to float32, normalise in float32). This
 module reproduces those steps with PIL and NumPy directly, so pixels match upstream's bit for bit (with Pillow < 13)
 without constructing a processor per crop. `load_rgb` is the one place images are opened and converted to RGB.

@@ -55,8 +55,9 @@ class Template:
     name: str = ""
     #: tokens the model emits to end an answer (decoded stop strings for generation)
     stop_strings: tuple[str, ...] = ()
-    #: `label_mode="upstream"`: tokens upstream un-masks everywhere, system and user turns included (reference-spec
-    #: 3.3); the label builder looks their ids up in the tokenizer (upstream hard-coded 198 for the newline)
+    #: `label_mode="upstream"`: tokens upstream un-masks everywhere, system and user turns included (its
+    #: `preprocess_qwen`); the label builder looks their ids up in the tokenizer (upstream hard-coded 198 for the
+    #: newline)
     upstream_unmasked_tokens: tuple[str, ...] = ()
 
     def segments(self, messages: list[Message], *, add_generation_prompt: bool = False) -> list[Segment]:

@@ -1,6 +1,6 @@
 """The upstream LLaVA checkpoint format: config fields, weight names, pickled projectors and tokenizer files.
 
-Everything here describes upstream's files (reference-spec 2); `convert.py` uses it to move checkpoints in either
+Everything here describes the files upstream's `train.py` writes; `convert.py` uses it to move checkpoints in either
 direction. Pickled `.bin` files are read only with `allow_pickle=True`, and then with `torch.load(weights_only=True)`.
 """
 
@@ -24,7 +24,7 @@ UPSTREAM_QWEN_FIELDS = ("attention_dropout", "bos_token_id", "eos_token_id", "hi
                         "num_attention_heads", "num_hidden_layers", "num_key_value_heads", "rms_norm_eps",
                         "rope_scaling", "rope_theta", "sliding_window", "tie_word_embeddings", "torch_dtype",
                         "use_cache", "use_sliding_window", "vocab_size")
-# What upstream train() writes beyond the image settings (reference-spec 2.3), for models that never were upstream.
+# What upstream train() writes beyond the image settings, for models that never were upstream.
 UPSTREAM_DEFAULTS = {
     "vision_tower_pretrained": None, "use_mm_proj": True, "mm_projector_type": "mlp2x_gelu",
     "image_crop_resolution": None, "image_split_resolution": None, "tokenizer_padding_side": "right",
@@ -171,7 +171,7 @@ def settings_from_upstream(config: dict, config_path: Path, tower_name: str, tow
 
 
 def upstream_config_from_hf(config, settings, dtype_name: str, stage1: bool = False) -> dict:
-    """An upstream config.json for a composite: Qwen2 fields, the mm_* keys of reference-spec 2.3, pinpoints
+    """An upstream config.json for a composite: Qwen2 fields, the mm_* keys upstream train() writes, pinpoints
     (width, height); fields kept from an upstream original (`mlcd_vl_upstream`) are restored."""
     import transformers
 
@@ -230,8 +230,8 @@ def upstream_config_from_hf(config, settings, dtype_name: str, stage1: bool = Fa
 
 
 def upstream_tower_warning(name: str | None, model_type: str) -> str | None:
-    """Upstream picks the tower class from substrings of mm_vision_tower (reference-spec 1.2); say when the name
-    written would send this tower down the wrong path."""
+    """Upstream picks the tower class from substrings of mm_vision_tower (`multimodal_encoder/builder.py`); say when
+    the name written would send this tower down the wrong path."""
     if not name:
         return "no mm_vision_tower to write; upstream cannot rebuild the tower"
     if model_type == "mlcd_vision_model" and "mlcd-vit-bigG-patch14" not in name:

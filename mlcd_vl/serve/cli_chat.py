@@ -9,7 +9,7 @@ Type a question and press Enter. Commands:
 
 Every turn is rendered with the checkpoint's own chat template and every image is processed in the checkpoint's
 image mode (anyres ...) by the serving engine, so the prompt is the one the model was trained on (upstream's demo
-built its prompt by hand and drifted from training, reference-spec 7.2 / 8.13). Input may come from a pipe too:
+built its prompt by hand and drifted from training). Input may come from a pipe too:
 `printf '/image cat.png\\nWhat is it?\\n' | mlcd-vl chat --model DIR`. Answers go to stdout, everything else
 (banner, notices, errors) to stderr.
 """

@@ -4,17 +4,17 @@ A request is a conversation (LLaVA `from/value` or OpenAI `role/content` turns; 
 `<image>` placeholders, or a list of OpenAI-style parts). The engine
 
 1. renders it with the checkpoint's own template (the one stored in its settings, so inference prompts equal
-   training prompts; upstream's demo drifted, reference-spec 8.13),
+   training prompts; upstream's inference script built its prompt by hand and drifted),
 2. tokenizes once and expands each `<image>` to exactly `multimodal.expected_tokens` image tokens, every image in
    the checkpoint's image mode (upstream's `process_images` with the config, for one image or several),
 3. builds `inputs_embeds` with `multimodal.embed_inputs` (the same merge as training),
 4. decodes a whole batch at once with LEFT padding (upstream padded on the right, which made batched
-   generation wrong, reference-spec 8.10), in the one decode loop (`decode.RunningBatch`): `generate` joins its
+   generation wrong), in the one decode loop (`decode.RunningBatch`): `generate` joins its
    requests once and runs them to the end, `stream` is a batch of one, the API's continuous batcher lets rows join
    and leave between steps.
 
 Generation settings never leak from the checkpoint's `generation_config.json` (Qwen's ships
-`repetition_penalty 1.05`, `do_sample`, `temperature 0.7`..., reference-spec 8.12): only its stop token ids are used,
+`repetition_penalty 1.05`, `do_sample`, `temperature 0.7`...): only its stop token ids are used,
 unless a setting asks for the checkpoint's value explicitly.
 
 The loop chooses tokens with `model.generate`'s arithmetic (tested against it, greedy and seeded sampling). What

@@ -9,7 +9,7 @@ type only where that is unambiguous: "1e-3" becomes a float (PyYAML reads `1e-3`
 a list of strings, "None" / "null" None for optional fields. The resolved config (defaults filled in, stage
 learning rate chosen) is written back as YAML and loads again to an equal config.
 
-Defaults follow the upstream MLCD recipe (reference-spec 5.2) with two visible departures, each a single setting
+Defaults follow the upstream MLCD recipe (upstream's scripts) with two visible departures, each a single setting
 that reproduces upstream when set: `optim.max_grad_norm` 1.0 (upstream silently trained unclipped: 0 or None),
 `optim.loss_normalisation` "global" (token mean over the whole optimizer step; "upstream" = per-micro-batch mean).
 The README's "same experiment as upstream" lists every switch that restores upstream's optimizer step.

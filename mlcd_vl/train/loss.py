@@ -10,7 +10,7 @@ Normalisation (`StepTokens.mode`):
   accumulation, padding, packing and uneven ranks then never re-weight samples: the step's gradient is the
   gradient of the token mean over the step, as if it were one big batch.
 * `"upstream"`: per-micro-batch token mean, each micro-batch weighted equally (transformers 4.44 before the
-  `num_items_in_batch` fix; reference-spec 8.6), so micro-batches with few supervised tokens weigh more.
+  `num_items_in_batch` fix), so micro-batches with few supervised tokens weigh more.
 
 Contract with the caller: the returned loss is meant for a plain `loss.backward()` per micro-batch, with gradients
 SUMMED over the step's micro-batches and AVERAGED over data-parallel ranks (what DDP and DeepSpeed do). The

@@ -1,6 +1,6 @@
 """What trains and how fast: freezing by tunable parts, per-part learning rates, and the projector artifact.
 
-Parts (upstream `mm_tunable_parts`, reference-spec 5.3 step 7), on transformers' module names:
+Parts (upstream `mm_tunable_parts`, as its `train()` applies them), on transformers' module names:
 
 | tunable part        | parameters                                                          |
 |---------------------|---------------------------------------------------------------------|
