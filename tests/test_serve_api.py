@@ -28,6 +28,7 @@ from mlcd_vl.serve.engine import Engine  # noqa: E402
 from mlcd_vl.serve.requests import GenerationSettings, Request  # noqa: E402
 
 NAME = "tiny-vlm"
+SERVER_LOG: dict[str, Path] = {}  # "path": the module's server log (the server runs at --log-level info)
 
 
 
@@ -63,7 +64,8 @@ def server(model_dir, tmp_path_factory):
     env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "2"), PYTHONUNBUFFERED="1")
     command = [sys.executable, "-m", "mlcd_vl.serve.api", "--model", str(model_dir), "--port", str(port),
                "--served-model-name", NAME, "--max-batch-size", "8", "--batch-wait-ms", "30",
-               "--max-image-pixels", "1000000", "--log-level", "warning"]
+               "--max-image-pixels", "1000000", "--log-level", "info"]
+    SERVER_LOG["path"] = log_path
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=env)
     base = f"http://127.0.0.1:{port}"
@@ -184,6 +186,7 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         "remote url": user(("https://example.com/cat.png",), "hi"),
         "local path": user(("file:///etc/passwd",), "hi"),
         "unknown role": [{"role": "robot", "content": "hi"}],
+        "null content": [{"role": "user", "content": None}],
         "audio part": [{"role": "user", "content": [{"type": "input_audio", "input_audio": {"data": ""}}]}],
         "long prompt": [{"role": "user", "content": "red " * 33000}],
     }
@@ -196,6 +199,10 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
             assert "--allow-remote-urls" in error["message"]
         if label == "oversized image":
             assert error["code"] == "image_too_large"
+        if label == "not an image":  # the reason, not a Python object's repr
+            assert "not a known image format" in error["message"] and "object at 0x" not in error["message"]
+        if label == "null content":
+            assert error["param"] == "messages.0.content" and "needs content" in error["message"]
     with pytest.raises(openai.BadRequestError) as caught:
         client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=40000)
     assert caught.value.body["code"] == "context_length_exceeded"
@@ -216,6 +223,33 @@ def test_bad_requests_get_openai_errors_and_the_server_keeps_serving(client, ser
         assert response.status_code == 400 and response.json()["error"]["message"], raw
     reply = client.chat.completions.create(model=NAME, messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert reply.usage.completion_tokens >= 1
+    log = SERVER_LOG["path"].read_text()  # the operator sees why each request was refused
+    assert "POST /v1/chat/completions -> 400 messages.0.content: a user message needs content" in log
+    assert "-> 404 the model 'gpt-4o' does not exist" in log and "not a known image format" in log
+
+
+def test_unknown_paths_and_methods_answer_in_the_openai_error_shape(server):
+    for method, path, status in (("GET", "/v1/nothing", 404), ("GET", "/v1/chat/completions", 405),
+                                 ("DELETE", "/v1/models", 405), ("POST", "/", 404)):
+        response = httpx.request(method, server + path, timeout=30)
+        assert response.status_code == status, (method, path)
+        error = response.json()["error"]
+        assert set(error) == {"message", "type", "param", "code"} and error["type"] == "invalid_request_error"
+        assert path in error["message"], error
+    assert "-> 405 GET is not allowed on /v1/chat/completions" in SERVER_LOG["path"].read_text()
+
+
+def test_a_busy_port_fails_at_once_without_a_serving_line(model_dir):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([sys.executable, "-m", "mlcd_vl.serve.api", "--model", str(model_dir), "--port",
+                               str(port)], capture_output=True, text=True, timeout=120, check=False)
+    assert done.returncode == 1, done.stderr
+    assert f"cannot serve on 127.0.0.1:{port}: the port is in use (choose another --port)" in done.stderr
+    assert "serving" not in done.stdout + done.stderr.replace("cannot serve", "")
+    assert "Traceback" not in done.stderr
 
 
 def test_concurrent_requests_are_batched(client, engine, server):

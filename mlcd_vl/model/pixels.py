@@ -12,12 +12,13 @@ import contextlib
 import functools
 import io
 import os
+import re
 import threading
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from PIL import Image, ImageFile, ImageOps
+from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
 from mlcd_vl.model import anyres
 from mlcd_vl.presets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TowerPreset
@@ -81,6 +82,13 @@ class ImageModeSettings:
             raise ValueError(f"image mode {self.image_mode!r} needs grid pinpoints")
 
 
+def _reason(error: BaseException) -> str:
+    """PIL's message without the Python object it names (`<_io.BytesIO object at 0x...>` means nothing to a user)."""
+    if isinstance(error, UnidentifiedImageError):
+        return "not a known image format"
+    return re.sub(r"\s*<[\w.]+ object at 0x[0-9a-f]+>", "", str(error)).strip() or type(error).__name__
+
+
 def load_rgb(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int = DEFAULT_MAX_PIXELS,
              upstream_convert: bool = False) -> Image.Image:
     """Open an image and return it as RGB.
@@ -108,7 +116,7 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int
         except ImageError:
             raise
         except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as error:
-            raise ImageError(f"{name}: cannot read image ({error})") from error
+            raise ImageError(f"{name}: cannot read image ({_reason(error)})") from error
         try:
             if image.width * image.height > max_pixels:
                 raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
@@ -118,7 +126,7 @@ def load_rgb(source: str | os.PathLike | bytes | Image.Image, *, max_pixels: int
             image.close()
             if isinstance(error, ImageError):
                 raise
-            raise ImageError(f"{name}: cannot read image ({error})") from error
+            raise ImageError(f"{name}: cannot read image ({_reason(error)})") from error
     if image.width * image.height > max_pixels:
         raise ImageError(f"{name}: {image.width}x{image.height} exceeds the {max_pixels}-pixel limit")
     if image.width < 1 or image.height < 1:

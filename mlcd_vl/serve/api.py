@@ -13,15 +13,18 @@ Concurrent requests, streaming or not, share the model through continuous batchi
 leave the running batch between decode steps); a full queue answers 429. Images: base64 `data:` URLs; remote
 `http(s)` URLs only with `--allow-remote-urls`, and then public hosts only, no redirects, a size limit and a
 deadline (`intake.py`); local paths and `file://` URLs are always refused. Every bad request gets a 4xx with an
-OpenAI-style error body, and the server goes on serving.
+OpenAI-style error body (unknown paths and methods too), its reason goes to the server log, and the server goes on
+serving. The port is bound before the model loads, so a busy port fails at once, before any "serving" line.
 """
 
 import argparse
 import asyncio
+import errno
 import hmac
 import json
 import logging
 import os
+import socket
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -76,12 +79,29 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 # ------------------------------------------------------------------------------------------------ app
 
+_HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
+
+
+def bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound now: a busy port is an `OSError` naming it, before the model loads."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart right after a stop
+    try:
+        sock.bind((host, port))
+    except OSError as error:
+        sock.close()
+        reason = "the port is in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
+        raise OSError(error.errno, f"cannot serve on {host}:{port}: {reason} (choose another --port)") from None
+    return sock
+
 def create_app(engine, options: ServerOptions):
     """The FastAPI app; its batcher thread starts and stops with the app's lifespan."""
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse, StreamingResponse
     from pydantic import ValidationError
     from starlette.concurrency import run_in_threadpool
+    from starlette.exceptions import HTTPException as StarletteHTTPException
 
     from mlcd_vl.serve import api_schema as schema
     from mlcd_vl.serve.batcher import Batcher, Job, QueueFull
@@ -101,9 +121,27 @@ def create_app(engine, options: ServerOptions):
     app = FastAPI(title="mlcd-vl", lifespan=lifespan)
     app.state.batcher = batcher
 
-    @app.exception_handler(APIError)
-    async def api_error(_request, error: APIError):
+    def answer(http: Request, error: APIError) -> JSONResponse:
+        if error.status < 500:  # the client's mistake: the operator still sees why it was refused
+            log.info("%s %s -> %d %s", http.method, http.url.path, error.status, error.message)
         return JSONResponse(error.body(), status_code=error.status, headers=error.headers)
+
+    @app.exception_handler(APIError)
+    async def api_error(http: Request, error: APIError):
+        return answer(http, error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(http: Request, error: StarletteHTTPException):  # unknown path (404), wrong method (405)
+        if error.status_code == 404:
+            message = (f"no endpoint {http.url.path}; this server has /v1/models, /v1/chat/completions, /metrics "
+                       "and /health")
+        elif error.status_code == 405:
+            message = f"{http.method} is not allowed on {http.url.path}"
+        else:
+            message = str(error.detail)
+        kind = "invalid_request_error" if error.status_code < 500 else "server_error"
+        return answer(http, APIError(error.status_code, message, kind=kind, code=_HTTP_CODES.get(error.status_code),
+                                     headers=dict(error.headers or {})))
 
     @app.middleware("http")
     async def authenticate(http: Request, call_next):
@@ -113,7 +151,7 @@ def create_app(engine, options: ServerOptions):
                                                                       options.api_key.encode()):
                 error = APIError(401, "missing or wrong API key (send 'Authorization: Bearer <key>')",
                                  code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
-                return JSONResponse(error.body(), status_code=401, headers=error.headers)
+                return answer(http, error)
         return await call_next(http)
 
     @app.get("/health")
@@ -217,6 +255,11 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
+        sock = bind(args.host, args.port)
+    except OSError as error:
+        print(f"error: {error.strerror}", file=sys.stderr)
+        return 1
+    try:
         options = ServerOptions(
             served_model_name=args.served_model_name or Path(args.model).resolve().name,
             allow_remote_urls=args.allow_remote_urls, allow_private_urls=args.allow_private_urls,
@@ -227,12 +270,14 @@ def run(args: argparse.Namespace) -> int:
                                    args.default_max_tokens, scheduling=args.scheduling))
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     except (CheckpointError, OSError, ValueError) as error:
+        sock.close()
         print(f"error: {error}", file=sys.stderr)
         return 2
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         log.warning("binding %s without --api-key: anyone who can reach the port can use the model", args.host)
     log.info("serving %s as %r on http://%s:%d/v1", args.model, options.served_model_name, args.host, args.port)
-    uvicorn.run(create_app(engine, options), host=args.host, port=args.port, log_level=args.log_level)
+    config = uvicorn.Config(create_app(engine, options), host=args.host, port=args.port, log_level=args.log_level)
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
 
 

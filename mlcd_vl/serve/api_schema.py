@@ -73,6 +73,11 @@ class ChatCompletionRequest(BaseModel):
     tools: list[Any] | None = None
 
     def unsupported(self) -> APIError | None:
+        empty = next((i for i, m in enumerate(self.messages) if m.content is None), None)
+        if empty is not None:  # OpenAI allows it only beside tool calls, which this server does not take
+            where = f"messages.{empty}.content"
+            return APIError(400, f"{where}: a {self.messages[empty].role} message needs content (text or parts)",
+                            param=where)
         if self.n != 1:
             return APIError(400, "only n=1 is supported", param="n")
         if self.logprobs:

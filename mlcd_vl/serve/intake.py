@@ -117,8 +117,9 @@ def load_image(url: str, options: IntakeOptions, where: str):
         return load_rgb(image_bytes(url, options, where), max_pixels=options.max_image_pixels)
     except ImageError as error:
         too_large = "pixel limit" in str(error) or "decompression bomb" in str(error)
+        reason = str(error).removeprefix("<image bytes>: ").removeprefix("cannot read image (").removesuffix(")")
         message = (f"the image has more pixels than this server accepts ({options.max_image_pixels})" if too_large
-                   else f"not a readable image ({str(error).removeprefix('<image bytes>: ')})")
+                   else f"not a readable image ({reason})")
         raise APIError(400, f"{where}: {message}", param=where,
                        code="image_too_large" if too_large else "invalid_image") from None
 
