@@ -10,6 +10,8 @@ import argparse
 import importlib
 import sys
 
+from mlcd_vl.console import use_help_formatter
+
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mlcd_vl.demo.run", "train, evaluate and chat with a tiny model on the CPU, end to end (no downloads)"),
     "build": ("mlcd_vl.model.build_command", "compose a fresh VLM from an LLM and a vision tower"),
@@ -33,6 +35,7 @@ def build_parser() -> argparse.ArgumentParser:
                                     formatter_class=argparse.RawDescriptionHelpFormatter)
         module.configure_parser(sub)
         sub.set_defaults(_module=module)
+    use_help_formatter(parser)  # every option's default in --help, sub-commands' sub-commands included
     return parser
 
 

@@ -1,6 +1,7 @@
-"""What the terminal shows: plain-text tables, and one third-party notice kept out of the way.
+"""What the terminal shows: `--help` with defaults, plain-text tables, and one third-party notice kept out of the way.
 
-`text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
+`use_help_formatter(parser)` makes every `mlcd-vl --help` keep descriptions as written and say each option's
+default. `text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
 raw Python dicts. `quiet_deepspeed_cpu_notice()` drops DeepSpeed's "Setting accelerator to CPU" warning: DeepSpeed
 prints it whenever it is imported on a machine without a GPU, and transformers / accelerate import it on every
 `save_pretrained` when it is installed, so a CPU command that never uses DeepSpeed would print it several times.
@@ -9,6 +10,7 @@ Commands call it unless they run DeepSpeed themselves (a DeepSpeed run keeps the
 
 from __future__ import annotations
 
+import argparse
 import logging
 from collections.abc import Sequence
 
@@ -49,3 +51,23 @@ def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent:
 
     rule = indent + "  ".join("-" * w for w in widths)
     return "\n".join([line(cells[0]), rule] + [line(row) for row in cells[1:]])
+
+
+def _shows_default(action: argparse.Action) -> bool:
+    """An option whose default is worth saying and whose help does not say it yet."""
+    text, default = (action.help or "").lower(), action.default
+    said = any(form in text for form in ("(default", "default:", "%(default)", f"default {default}".lower()))
+    nothing = default is None or default is False or default is argparse.SUPPRESS or default == []  # 0 is a value
+    return bool(action.option_strings) and not said and action.help is not argparse.SUPPRESS and not nothing
+
+
+def use_help_formatter(parser: argparse.ArgumentParser) -> None:
+    """`--help` of `parser` and every sub-command parser below it: descriptions kept as written (line breaks and
+    all), and each option's default said, unless its help already says it or there is none (None, False, [])."""
+    parser.formatter_class = argparse.RawDescriptionHelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                use_help_formatter(sub)
+        elif _shows_default(action):
+            action.help = f"{action.help} (default: %(default)s)" if action.help else "default: %(default)s"

@@ -73,6 +73,32 @@ def test_quick_demo_trains_evaluates_and_chats(tmp_path):
     for banner in ("synthetic data", "stage 1", "stage 2", "lmms-eval", "chat about a held-out image"):
         assert banner in out, banner
     assert "| skill | held-out accuracy | chance |" in out and "assistant:" in out
+    # quiet logs: lmms-eval's INFO lines and its own table stay in its log; DeepSpeed's CPU notice is gone; the batch
+    # is said once per stage; every step line fits 100 columns
+    assert "INFO" not in out and "|Tasks|" not in out.replace(" ", "") and "Setting accelerator" not in out
+    assert "|Tasks|" in (workdir / "logs" / "eval.log").read_text().replace(" ", "")
+    assert out.count("effective global batch") == 2
+    steps = [line for line in out.replace("\r", "\n").splitlines() if line.startswith("step ")]
+    assert steps and max(map(len, steps)) <= 100
+    # what to do next: the exact commands, and they work (ask answers the taught question about a held-out picture)
+    tail = out[out.rindex("Try the trained model"):]
+    ask = next(line for line in tail.splitlines() if " ask --model " in line)
+    assert str(workdir / "stage2") in ask and "/heldout/colour_" in ask
+    for command in (" chat --model ", " web --model ", " serve --model "):
+        assert command in tail, command
+    from mlcd_vl.assets import DEMO_IMAGE, DEMO_QUESTION
+
+    # the held-out picture the block names, and the web demo's bundled example: a colour word each
+    for image in (ask.split("--image ")[1].split()[0], str(DEMO_IMAGE)):
+        answered = subprocess.run([sys.executable, "-m", "mlcd_vl.cli", "ask", "--model", str(workdir / "stage2"),
+                                   "--image", image, DEMO_QUESTION], cwd=tmp_path, env=env, capture_output=True,
+                                  text=True, timeout=300, check=False)
+        assert answered.returncode == 0 and answered.stdout.strip() in ANSWERS["colour"], answered
+    summary = subprocess.run([sys.executable, "-m", "mlcd_vl.cli", "eval", "summarize", str(workdir / "eval"),
+                              "--require", ",".join(f"mlcd_demo_{skill}" for skill in SKILLS)],
+                             cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300, check=False)
+    assert summary.returncode == 0, summary.stderr
+    assert "| mlcd_demo_colour | relaxed_overall |" in summary.stdout
 
     results = json.loads((workdir / "results.json").read_text())
     scores = results["scores"]
@@ -106,3 +132,38 @@ def test_demo_tasks_keep_only_the_metrics_their_data_produces(tmp_path):
     text = (tmp_path / "tasks" / f"{name}.yaml").read_text().replace("!function", "")
     metrics = [entry["metric"] for entry in yaml.safe_load(text)["metric_list"]]
     assert metrics == list(DEMO_METRICS) == ["relaxed_overall", "relaxed_human_split"]
+
+
+def test_web_example_is_a_picture_and_question_the_demo_model_was_taught():
+    """The web demo's bundled example comes from the demo's distribution: one large shape of one colour on a playground
+    background (a size `shape_item` draws), asked in the taught form (question + ChartQA's short-answer line)."""
+    from PIL import Image
+
+    from mlcd_vl.assets import DEMO_ANSWER, DEMO_IMAGE, DEMO_QUESTION, draw_demo_image
+    from mlcd_vl.demo.playground import BACKGROUNDS, COLOURS, QUESTIONS, SHORT
+
+    image = Image.open(DEMO_IMAGE).convert("RGB")
+    assert image.tobytes() == draw_demo_image().tobytes()
+    assert image.size in {(112, 112), (112, 84), (84, 112), (96, 96)}
+    assert {colour for _, colour in image.getcolors()} == {BACKGROUNDS[0], COLOURS[DEMO_ANSWER]}
+    assert image.getpixel((image.width // 2, image.height // 2)) == COLOURS[DEMO_ANSWER]
+    assert DEMO_QUESTION == QUESTIONS["colour"] + SHORT
+
+
+def test_a_stage_log_keeps_everything_while_the_console_shows_what_is_asked(tmp_path, capsysbinary):
+    from mlcd_vl.demo.stages import run_logged
+
+    script = ("import sys\n"
+              "print('INFO lmms_eval chatter', flush=True)\n"
+              "for n in (0, 50, 100):\n"
+              "    sys.stderr.write(f'\\rModel Responding: {n}%'); sys.stderr.flush()\n"
+              "sys.stderr.write('\\n')\n"
+              "print('|Tasks|Metric|Value|')\n")
+    (tmp_path / "stage.py").write_text(script)
+    log = tmp_path / "stage.log"
+    run_logged([sys.executable, str(tmp_path / "stage.py")], dict(os.environ), log,
+               show=lambda text: text.startswith(b"Model Responding"))
+    console = capsysbinary.readouterr().out
+    assert b"chatter" not in console and b"|Tasks|" not in console
+    assert b"\rModel Responding: 0%\rModel Responding: 50%\rModel Responding: 100%\n" in console
+    assert b"chatter" in log.read_bytes() and b"|Tasks|" in log.read_bytes()

@@ -1,16 +1,21 @@
-"""What `mlcd-vl demo` leaves behind: the per-stage wall clock, the results table, and `report.md`, `results.json`
-and `results.md` in the run folder (linking the resolved configs, checkpoints, loss curves and lmms-eval results).
+"""What `mlcd-vl demo` leaves behind: the per-stage wall clock, the results table, the commands to try the trained
+model next, and `report.md`, `results.json` and `results.md` in the run folder (linking the resolved configs,
+checkpoints, loss curves and lmms-eval results).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+import shutil
+import sys
+import textwrap
 import time
 from pathlib import Path
 
 from mlcd_vl.demo.plan import DemoPlan
-from mlcd_vl.demo.playground import chance
+from mlcd_vl.demo.playground import QUESTIONS, SHORT, chance
 
 
 class Timer:
@@ -46,8 +51,50 @@ def results_table(scores: dict[str, dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _shown(path: Path) -> str:
+    """A path as the user would type it: relative to the current folder when inside it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd().resolve()))
+    except ValueError:
+        return str(path)
+
+
+def command_name() -> str:
+    """How to call `mlcd-vl` from this shell: the bare name when it is this installation's, else its path."""
+    beside = Path(sys.executable).parent / "mlcd-vl"
+    found = shutil.which("mlcd-vl")
+    if found and beside.is_file() and Path(found).resolve() == beside.resolve():
+        return "mlcd-vl"
+    return _shown(beside) if beside.is_file() else f"{_shown(Path(sys.executable))} -m mlcd_vl.cli"
+
+
+def try_next(model: Path, heldout_images: dict[str, Path]) -> list[str]:
+    """The commands to try the trained model with, on held-out pictures and in the question form it learned."""
+    cli, folder = command_name(), shlex.quote(_shown(model))
+    colour, shape = (shlex.quote(_shown(heldout_images[skill])) for skill in ("colour", "shape"))
+    question = "$'" + (QUESTIONS["colour"] + SHORT).replace("\n", "\\n") + "'"  # bash's $'...\n...': a newline
+    known = " / ".join(q.replace("{label}", "red") for q in QUESTIONS.values())
+    return [
+        f"Try the trained model ({_shown(model)}) on held-out pictures, asking as it was taught:",
+        f"  {cli} ask --model {folder} --image {colour} \\",
+        f"      {question}",
+        f"  {cli} chat --model {folder} --image {shape}   # then ask: What shape is this?",
+        f"  {cli} web --model {folder}     # http://127.0.0.1:7860, with an example picture",
+        f"  {cli} serve --model {folder}   # OpenAI-compatible API on 127.0.0.1:8000 (README: Chat and serving)",
+        *textwrap.wrap(f"Questions it was taught, one kind of picture each: {known} (add {SHORT.strip()!r} on a "
+                       "new line for a one-word answer).", 100),
+    ]
+
+
+def sizes_table(shapes) -> str:
+    """The demo model's sizes as a Markdown table."""
+    rows = "\n".join(f"| {name} | {value} |" for name, value in vars(shapes).items())
+    return f"| size | value |\n|---|---:|\n{rows}\n"
+
+
 def write_report(workdir: Path, mode: str, plan: DemoPlan, scores: dict, transcript, timer: Timer,
-                 shapes, threads: int) -> Path:
+                 shapes, threads: int, next_steps: list[str] | None = None) -> Path:
     """Write report.md, results.json and results.md into the run folder; returns report.md's path."""
     def rel(path: Path) -> str:
         return os.path.relpath(path, workdir)
@@ -94,9 +141,18 @@ Total wall time: {timer.total:.0f} s with {threads} torch thread(s) per process 
 
 ![stage 1 loss](stage1/loss_curve.png) ![stage 2 loss](stage2/loss_curve.png)
 
-Model sizes: {json.dumps(shapes.__dict__)}. Data: [data/](data/) ({plan.train_images} training images,
-[captions.json](data/captions.json), [chat.json](data/chat.json); held-out [data/heldout/](data/heldout/),
-{plan.heldout_per_skill} per skill; [playground.json](data/playground.json)). Logs: [logs/](logs/).
+Data: [data/](data/) ({plan.train_images} training images, [captions.json](data/captions.json),
+[chat.json](data/chat.json); held-out [data/heldout/](data/heldout/), {plan.heldout_per_skill} per skill;
+[playground.json](data/playground.json)). Logs: [logs/](logs/). Model sizes:
+
+{sizes_table(shapes)}
+## Try it
+
+```bash
+{chr(10).join(line.strip() for line in (next_steps or [])[1:6])}
+```
+
+{" ".join((next_steps or [])[6:])}
 
 ## Wall time
 

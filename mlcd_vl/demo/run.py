@@ -1,36 +1,32 @@
 """`mlcd-vl demo`: train, evaluate and chat with a tiny MLCD-VL model on the CPU, end to end, with no downloads.
 
-Every stage is the one a GPU run goes through, at toy size (a 0.74M-parameter Qwen2 LLM with its own tokenizer, a
-0.19M-parameter MLCD RoPE2D tower, 0.95M in all; synthetic data):
+Six numbered stages, about 5 minutes on 2 cores (`--quick`: 2-4 minutes):
 
-1. data: `demo.playground` draws seeded images (coloured shapes, counts, bar charts with values, words)
-   as LLaVA JSON + an image folder (stage-1 captions, stage-2 single/multi-turn Q&A) and a held-out split in the
-   schema of lmms-eval's ChartQA, one parquet file per skill;
-2. model: the `tiny` preset (`model.tiny.write_tiny_assets`) at the demo's sizes, its tokenizer trained on the
-   generated text;
-3. stage 1 (projector only, square images, plain template) and stage 2 (every part, anyres + spatial_unpad, the
-   Qwen chat template) with the recipes in `mlcd_vl/demo/recipes/`, launched as a GPU run is:
-   `NUM_GPUS=1 RECIPE=... scripts/pretrain.sh` / `scripts/finetune.sh` in a repository checkout (torchrun, one
-   process), `python -m mlcd_vl.train RECIPE overrides` where there is no scripts/ folder (`--launcher`);
-4. lmms-eval 0.7.3 with the `mlcd_llava` adapter on the held-out sets, one task per skill (ChartQA's prompt,
-   generation settings and relaxed-accuracy metric), accuracy printed next to chance;
-5. a two-turn chat about a held-out image through `serve.Engine`;
-6. `report.md` in the run folder linking the resolved configs, checkpoints, loss curves and results.
+1. synthetic data: coloured shapes, counts, bar charts with values and words, as LLaVA JSON with an image folder,
+   and a held-out split the model never sees in training;
+2. a ~1M-parameter model: an MLCD RoPE2D vision tower, an MLP projector and a Qwen2 LLM whose tokenizer is
+   trained on that text;
+3. stage 1 (projector only, captions) and 4. stage 2 (every part, anyres images, questions and answers), started
+   the way a GPU run is (`scripts/pretrain.sh` / `scripts/finetune.sh` in a repository checkout);
+5. lmms-eval on the held-out pictures: accuracy per skill next to chance;
+6. a short chat about a held-out picture.
 
-`--quick` is a shortened run (the CI test's, 2-4 minutes); the default run takes 4.5-6.5 minutes on a busy 2-core
-machine (measured with other jobs running, load average 2-5).
+Everything lands in the run folder (default `runs/demo/`): `report.md`, the resolved configs, checkpoints, loss
+curves, results, and each stage's full log in `logs/`. The demo ends with the commands to try the trained model
+yourself (`ask`, `chat`, `web`, `serve`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
 import sys
 from pathlib import Path
 
 from mlcd_vl.demo.plan import PLANS, REQUIRED_SKILLS, DemoPlan, demo_shapes
-from mlcd_vl.demo.report import Timer, results_table, write_report
+from mlcd_vl.demo.report import Timer, results_table, try_next, write_report
 from mlcd_vl.demo.stages import REPO, chat, child_env, evaluate, train_stage
 
 DEFAULT_WORKDIR = Path("runs") / "demo"
@@ -41,12 +37,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help=f"the run folder (default {DEFAULT_WORKDIR}/ under the current directory, or "
                              f"{DEFAULT_WORKDIR}-quick/ with --quick); an earlier demo run there is replaced")
     parser.add_argument("--quick", action="store_true",
-                        help="a shortened run (fewer steps and held-out items, 2-4 minutes): what CI runs")
-    parser.add_argument("--stage2-steps", type=int, default=None, help="override the plan's stage-2 steps")
+                        help="a shortened run (fewer steps and held-out items, 2-4 minutes)")
+    parser.add_argument("--stage2-steps", type=int, default=None, metavar="N",
+                        help="train stage 2 for N steps instead of the plan's (more steps, better answers)")
     parser.add_argument("--launcher", choices=("auto", "scripts", "module"), default="auto",
-                        help="scripts: scripts/pretrain.sh and scripts/finetune.sh with NUM_GPUS=1 and RECIPE=..., "
-                             "as a GPU run calls them; module: python -m mlcd_vl.train RECIPE directly (the code "
-                             "both run); auto (default): scripts in a repository checkout, else module")
+                        help="how training starts: scripts (scripts/pretrain.sh and finetune.sh with NUM_GPUS=1, "
+                             "as on GPUs), module (python -m mlcd_vl.train RECIPE), auto: scripts in a repository "
+                             "checkout, else module")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process (default: OMP_NUM_THREADS, else 2)")
     parser.add_argument("--seed", type=int, default=0, help="data seed")
@@ -60,11 +57,13 @@ def run(args: argparse.Namespace) -> int:
     """The six stages in order, each timed; the report at the end. Returns the exit status."""
     from transformers.utils import logging as hf_logging
 
+    from mlcd_vl.console import quiet_deepspeed_cpu_notice
     from mlcd_vl.demo.playground import chance, write_playground
     from mlcd_vl.model import tiny
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
+    quiet_deepspeed_cpu_notice()
     mode = "quick" if args.quick else "full"
     plan = PLANS[mode]
     if args.stage2_steps:
@@ -125,11 +124,16 @@ def run(args: argparse.Namespace) -> int:
         print(f"{who:>9}: {text}")
     timer.lap("chat")
 
-    report = write_report(workdir, mode, plan, scores, transcript, timer, shapes, threads)
+    first = {}
+    for item in json.loads(data.heldout_json.read_text()):
+        first.setdefault(item["skill"], data.images / item["image"])
+    next_steps = try_next(stage2, first)
+    report = write_report(workdir, mode, plan, scores, transcript, timer, shapes, threads, next_steps)
     print(f"\nReport: {report}\nRun folder: {workdir} (configs, checkpoints, loss curves, results, logs)")
     print(f"Wall time: {timer.total:.0f} s (" + ", ".join(f"{k} {v:.0f} s" for k, v in timer.stages.items()) + "); "
           f"load average {timer.load_start[0]:.1f} at start, {timer.load_end[0]:.1f} at end on {os.cpu_count()} CPU(s)")
     missing = [s for s in REQUIRED_SKILLS if s in scores and scores[s]["accuracy"] <= chance(s)]
     if missing:
         print(f"warning: {', '.join(missing)} not above chance: the model did not learn enough in this run")
+    print("\n" + "\n".join(next_steps))
     return 0

@@ -1,17 +1,20 @@
 """The stages of `mlcd-vl demo` that run real code paths: training through the recipe launchers, lmms-eval on the
 held-out sets, and a chat through `serve.Engine`.
 
-Training and evaluation run as child processes (as a GPU run would launch them), their output streamed to the
-console and to a log in the run folder; `demo.run` sequences the stages.
+Training and evaluation run as child processes (as a GPU run would launch them), their whole output kept in a log
+in the run folder; the console shows training's own lines and, of lmms-eval's, only its progress bar (its INFO
+chatter and its own results table stay in the log: the demo prints its table). `demo.run` sequences the stages.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
@@ -32,17 +35,32 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def run_logged(command: list[str], env: dict, log: Path, cwd: Path | None = None) -> None:
-    """Run a stage in a child process: its output goes to the console (progress bars) and to `log`."""
+def run_logged(command: list[str], env: dict, log: Path, cwd: Path | None = None,
+               show: Callable[[bytes], bool] | None = None) -> None:
+    """Run a stage in a child process: all its output goes to `log`; to the console all of it, or with `show` only
+    the lines (and progress-bar updates, which end in a carriage return) it accepts. A failure names the log."""
     print("$ " + " ".join(str(c) for c in command), flush=True)
+    console, pending, open_bar = sys.stdout.buffer, b"", False
     with open(log, "wb") as sink:
         process = subprocess.Popen(command, env=env, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         assert process.stdout is not None
         while chunk := process.stdout.read1(4096):
             sink.write(chunk)
-            sys.stdout.buffer.write(chunk)
-            sys.stdout.buffer.flush()
+            if show is None:
+                console.write(chunk)
+            else:
+                *pieces, pending = re.split(rb"(?<=[\r\n])", pending + chunk)
+                for piece in pieces:
+                    text = piece.rstrip(b"\r\n")
+                    if text and show(text):
+                        ending = b"\n" if piece.endswith(b"\n") else b""
+                        console.write(b"\r" + text + ending)
+                        open_bar = not ending
+            console.flush()
         code = process.wait()
+    if open_bar:
+        console.write(b"\n")
+        console.flush()
     if code != 0:
         raise RuntimeError(f"{command[2] if len(command) > 2 else command[0]} failed with exit status {code} "
                            f"(log: {log})")
@@ -101,7 +119,8 @@ def evaluate(model: Path, heldout: dict[str, Path], workdir: Path, batch_size: i
                "--model_args", f"pretrained={model.resolve()}", "--tasks", ",".join(tasks),
                "--include_path", str((out / "tasks").resolve()), "--batch_size", str(batch_size),
                "--output_path", str(out.resolve()), "--log_samples"]
-    run_logged(command, env, workdir / "logs" / "eval.log")
+    print(f"(lmms-eval's own log: {workdir / 'logs' / 'eval.log'})", flush=True)
+    run_logged(command, env, workdir / "logs" / "eval.log", show=lambda text: text.startswith(b"Model Responding"))
     found = [p for p in out.rglob("*_results.json") if p.stat().st_mtime >= marker - 1]
     if not found:  # lmms-eval exits 0 even when it fails
         raise RuntimeError(f"lmms-eval wrote no results file (log: {workdir / 'logs' / 'eval.log'})")

@@ -105,6 +105,7 @@ def train(config) -> TrainResult:
     from accelerate import PartialState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
+    from transformers.utils import logging as hf_logging
 
     from mlcd_vl.console import quiet_deepspeed_cpu_notice
     from mlcd_vl.data.problems import ProblemLog
@@ -119,6 +120,7 @@ def train(config) -> TrainResult:
         zero.single_process_launch_env()  # DeepSpeed needs a process group, even for one process
     else:
         quiet_deepspeed_cpu_notice()  # saving imports DeepSpeed when it is installed, and on CPU it says so
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" / "Writing model shards" bars: not news
     state = PartialState(cpu=not torch.cuda.is_available())  # on CPU, torchrun's ranks need cpu=True (gloo)
     main, world_size = state.is_main_process, state.num_processes
     output_dir = Path(config.output_dir)
