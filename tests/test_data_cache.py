@@ -92,8 +92,9 @@ def test_malformed_json_list_names_the_byte(tmp_path, text, message):
 
 def test_strict_mode_raises_on_a_malformed_line(tmp_path, tokenizer):
     _write_dataset(tmp_path)
+    line = (tmp_path / "data.jsonl").read_text().splitlines().index("{not json") + 1
     config = DataConfig(train=str(tmp_path / "data.jsonl"), image_folder=str(tmp_path), strict=True)
-    with pytest.raises(DataError, match="line 14.*malformed JSON"):
+    with pytest.raises(DataError, match=f"line {line}.*malformed JSON"):
         SupervisedDataset.from_config(config, tokenizer, tiny_settings())
 
 

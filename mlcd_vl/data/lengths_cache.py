@@ -8,8 +8,8 @@ The key (`length_key`) covers everything a record's measured length depends on:
 * the model's image settings (mode, merge, pinpoints, crop and patch size) and the template;
 * the data settings that change lengths or skips (max_length, label mode, multi-image mode, pixel limit, EXIF
   handling, image-to-front), and whether images were decoded or only their headers read;
-* the code that measures (`data/samples.py`, `model/templates.py`, `model/anyres.py`, `model/pixels.py`,
-  `vocab.py`): editing it invalidates the cache.
+* the code that measures (`data/samples.py`, `data/dataset.py` (the scan, which also skips repeated records),
+  `model/templates.py`, `model/anyres.py`, `model/pixels.py`, `vocab.py`): editing it invalidates the cache.
 
 A changed input gives another key, hence a fresh scan; stale entries are never read. The table (lengths,
 has_image and the skipped records with their reasons) lives in `<cache>/lengths/<key>/lengths.npz`.
@@ -28,7 +28,8 @@ from mlcd_vl.data.problems import ProblemLog
 
 FORMAT = 1
 _PACKAGE = Path(__file__).resolve().parents[1]
-MEASURING_CODE = ("data/samples.py", "model/templates.py", "model/anyres.py", "model/pixels.py", "vocab.py")
+MEASURING_CODE = ("data/samples.py", "data/dataset.py", "model/templates.py", "model/anyres.py", "model/pixels.py",
+                  "vocab.py")
 # Fields that do not change a measured length (or are covered by the data key).
 _DATA_FIELDS_IGNORED = {"train", "image_folder", "preset_dir", "cache_dir", "strict",  # data key; no effect
                         "packing", "token_budget", "group_by_modality", "drop_last", "num_workers",  # batching
