@@ -114,3 +114,22 @@ def test_data_startup_quick(bench, tmp_path):
     for row in ("| before (", "| after, first launch | 1 | yes |", "| after, restart | 1 | no |",
                 "| after, cached index | 2 |"):
         assert row in text
+
+
+def test_demo_robustness_summary_names_a_missed_bar(bench):
+    """The robustness bench's verdict: every promised skill's worst run against chance + 30 points."""
+    robustness = bench("demo_robustness")
+    chance = {skill: 0.25 for skill in robustness.SKILLS}
+
+    def run(plan, seed, colour, chart):
+        scores = {skill: 0.3 for skill in robustness.SKILLS} | {"colour": colour, "chart": chart}
+        return {"plan": plan, "seed": seed, "threads": 1, "capability": "default", "wall_s": 100.0,
+                "scores": scores}
+
+    good = [run("quick", 0, 1.0, 0.3), run("quick", 1, 0.6, 0.3), run("full", 0, 1.0, 0.9)]
+    lines, ok = robustness.summary(good, chance)
+    assert ok and "- quick, colour: worst 60.0% vs bar 55.0%" in "\n".join(lines)
+    assert "| quick | 2 | 60.0% / 80.0%" in "\n".join(lines)
+    lines, ok = robustness.summary(good + [run("full", 1, 1.0, 0.5)], chance)  # full also promises the chart
+    assert not ok and "- full, chart: worst 50.0% vs bar 55.0% (chance 25.0% + 30 points): MISSED" in lines
+    assert "**50.0%**" in "\n".join(robustness.table([run("full", 1, 1.0, 0.5)], chance))
