@@ -72,11 +72,46 @@ def header(title: str, command: str, load_before: str, extra: list[str] | None =
     return lines + [f"- {line}" for line in (extra or [])] + [""]
 
 
-def write_result(path: Path, lines: list[str]) -> Path:
+def write_result(path: Path, lines: list[str], echo: bool = True) -> Path:
+    """Write the result file; `echo` also prints it (a script that saves partial results as it goes passes False)."""
     path.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-    print(f"\nwrote {path}")
+    if echo:
+        print("\n".join(lines))
+        print(f"\nwrote {path}")
     return path
+
+
+def write_json(path: Path, data: dict) -> Path:
+    """The machine-readable twin of a result file: `<result>.json` beside `<result>.md` (NaN and inf as null)."""
+    import math
+
+    def clean(value):
+        if isinstance(value, float) and not math.isfinite(value):
+            return None
+        if isinstance(value, dict):
+            return {str(k): clean(v) for k, v in value.items()}
+        if isinstance(value, (list, tuple)):
+            return [clean(v) for v in value]
+        return value
+
+    target = Path(path).with_suffix(".json")
+    target.write_text(json.dumps(clean(data), indent=1) + "\n")
+    return target
+
+
+NO_CUDA_EXIT = 2
+
+
+def cuda_missing(script: str) -> bool:
+    """True (after a one-line message on stderr) when there is no CUDA device: the GPU scripts then exit with
+    NO_CUDA_EXIT unless --dry-run."""
+    import torch
+
+    if torch.cuda.is_available():
+        return False
+    print(f"{script}: no CUDA device here (torch.cuda.is_available() is False). Run it on an H100/H200 machine, or "
+          "use --dry-run to check the code path on CPU.", file=sys.stderr)
+    return True
 
 
 def command_line(script: str, argv: list[str] | None) -> str:

@@ -47,7 +47,6 @@ REAL = dict(hidden=1536, layers=28, heads=12, kv_heads=2, intermediate=8960, voc
 DRY = dict(hidden=64, layers=2, heads=4, kv_heads=2, intermediate=128, vocab=1024, tower_hidden=32, tower_layers=2,
            tower_heads=2, tower_intermediate=64, image_size=56, patch_size=14)
 PEAK_TFLOPS = {"h100": 989.0, "h200": 989.0}
-NO_CUDA_EXIT = 2
 
 
 @dataclass
@@ -111,7 +110,7 @@ def make_sample(spec: SampleSpec, index: int, settings, image_token_id: int, voc
 
 def build_model(shapes: dict, dtype, device: str, attn: str):
     import torch
-    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, Qwen2Config
+    from transformers import AutoModelForImageTextToText, CLIPVisionConfig, MLCDVisionConfig, Qwen2Config
 
     from mlcd_vl.model.build import (
         VLMSettings,
@@ -128,17 +127,28 @@ def build_model(shapes: dict, dtype, device: str, attn: str):
                        intermediate_size=shapes["intermediate"], num_hidden_layers=shapes["layers"],
                        num_attention_heads=shapes["heads"], num_key_value_heads=shapes["kv_heads"],
                        max_position_embeddings=32768, rope_theta=1e6, rms_norm_eps=1e-6, tie_word_embeddings=False)
-    vision = CLIPVisionConfig(hidden_size=shapes["tower_hidden"], intermediate_size=shapes["tower_intermediate"],
-                              num_hidden_layers=shapes["tower_layers"], num_attention_heads=shapes["tower_heads"],
-                              image_size=size, patch_size=shapes["patch_size"], hidden_act="quick_gelu",
-                              layer_norm_eps=1e-5)
-    image_token_id = shapes["vocab"] - 271 if shapes["vocab"] > 1000 else shapes["vocab"] - 1  # Qwen2.5: 151665
+    # a CLIP-format tower (QuickGELU) by default; shapes["tower_kind"] = "mlcd" gives the RoPE2D MLCDVisionModel
+    vision_class = MLCDVisionConfig if shapes.get("tower_kind") == "mlcd" else CLIPVisionConfig
+    vision = vision_class(hidden_size=shapes["tower_hidden"], intermediate_size=shapes["tower_intermediate"],
+                          num_hidden_layers=shapes["tower_layers"], num_attention_heads=shapes["tower_heads"],
+                          image_size=size, patch_size=shapes["patch_size"],
+                          hidden_act=shapes.get("tower_act", "quick_gelu"), layer_norm_eps=1e-5)
+    image_token_id = shapes.get("image_token_id") or (  # Qwen2.5: 151665, len(tokenizer)
+        shapes["vocab"] - 271 if shapes["vocab"] > 1000 else shapes["vocab"] - 1)
     config = compose_config(text, vision, settings, image_token_id)
     with torch.device(device):
         model = AutoModelForImageTextToText.from_config(config, dtype=dtype, attn_implementation=attn)
     init_projector_and_newline(model, seed=0)
     model.to(device=device, dtype=dtype)
     return model, settings, image_token_id
+
+
+def enable_checkpointing(model) -> None:
+    """Gradient checkpointing (non-reentrant) on the LLM and the tower, as the recipe trains."""
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def count_params(module) -> int:
@@ -256,10 +266,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    if not args.dry_run and not torch.cuda.is_available():
-        print("gpu_step.py: no CUDA device here (torch.cuda.is_available() is False). Run it on an H100/H200 "
-              "machine, or use --dry-run to validate the code path on CPU.", file=sys.stderr)
-        return NO_CUDA_EXIT
+    if not args.dry_run and common.cuda_missing("gpu_step.py"):
+        return common.NO_CUDA_EXIT
     from transformers.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()
@@ -286,10 +294,7 @@ def main(argv: list[str] | None = None) -> int:
     model, settings, image_token_id = build_model(shapes, dtype, device, attn)
     model.train()
     if not args.no_checkpointing:
-        if hasattr(model, "activation_checkpointing_enable"):  # transformers >= 5.x name
-            model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        enable_checkpointing(model)
     build_seconds = time.perf_counter() - started
 
     from mlcd_vl.data.packing import first_fit_decreasing

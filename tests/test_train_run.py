@@ -237,6 +237,17 @@ def test_mfu_estimate(monkeypatch):
     assert "MFU n/a" in metrics.format_record(metrics.step_record(1, 1, counts, 1, {}, None, flops, None, 1))
 
 
+def test_flops_without_the_tower_and_with_the_head_on_supervised_tokens_only():
+    from mlcd_vl.train import metrics
+
+    counts = metrics.StepCounts(supervised=5, tokens=100, tower_tokens=50)
+    flops = metrics.FlopsModel(llm_params=1000, tower_params=200, head_params=30)
+    assert flops.step_flops(counts) == 6.0 * (1000 * 100 + 30 * 5 + 200 * 50)
+    assert flops.step_flops(counts, with_tower=False) == 6.0 * (1000 * 100 + 30 * 5)
+    plain = metrics.FlopsModel(llm_params=1000, tower_params=200)  # the training log's convention is unchanged
+    assert plain.step_flops(counts, with_tower=False) == 6.0 * 1000 * 100
+
+
 def test_step_line_fits_100_columns_at_extreme_values():
     from mlcd_vl.train import metrics
 

@@ -9,7 +9,11 @@ MFU estimate (model FLOPs utilisation), documented approximation:
 
 i.e. the usual "6N per token" (2N forward + 4N backward) applied to every parameter, trainable and frozen alike
 (frozen parts still back-propagate activations in stage 2; in stage 1 this overestimates the tower's share), with
-attention's quadratic term and padding ignored. Peak FLOPs per device come from `MLCD_VL_PEAK_FLOPS` (FLOP/s,
+attention's quadratic term and padding ignored. Two variants for benchmarks (the training log uses neither):
+`head_params` counts an LM head applied to the supervised positions only (as `train.step.forward_loss` does),
+6 x head x supervised tokens, instead of folding it into the LLM's 6N over every token; and
+`step_flops(counts, with_tower=False)` leaves the tower's term out (MFU "without the vision tower", as some peers
+publish it: the step time still includes the tower). Peak FLOPs per device come from `MLCD_VL_PEAK_FLOPS` (FLOP/s,
 e.g. 989e12) or from a small table of dense bf16 tensor-core peaks by GPU name; on CPU or an unknown GPU the MFU
 is None ("n/a").
 
@@ -85,15 +89,19 @@ class StepCounts:
 class FlopsModel:
     """Parameter counts for the 6N estimate (module docstring)."""
 
-    llm_params: int  # language model + projector (+ image_newline)
+    llm_params: int  # language model + projector (+ image_newline); applied to every real token
     tower_params: int
+    head_params: int = 0  # an LM head counted apart, applied to the supervised tokens only (0: inside llm_params)
 
     @classmethod
     def from_summary(cls, summary: dict) -> FlopsModel:
         return cls(summary["language_model"].total + summary["projector"].total, summary["vision_tower"].total)
 
-    def step_flops(self, counts: StepCounts) -> float:
-        return 6.0 * (self.llm_params * counts.tokens + self.tower_params * counts.tower_tokens)
+    def step_flops(self, counts: StepCounts, with_tower: bool = True) -> float:
+        flops = self.llm_params * counts.tokens + self.head_params * counts.supervised
+        if with_tower:
+            flops += self.tower_params * counts.tower_tokens
+        return 6.0 * flops
 
 
 def step_record(step: int, epoch: float, counts: StepCounts, seconds: float, lrs: dict[str, float],
