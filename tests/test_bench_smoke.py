@@ -133,3 +133,92 @@ def test_demo_robustness_summary_names_a_missed_bar(bench):
     lines, ok = robustness.summary(good + [run("full", 1, 1.0, 0.5)], chance)  # full also promises the chart
     assert not ok and "- full, chart: worst 50.0% vs bar 55.0% (chance 25.0% + 30 points): MISSED" in lines
     assert "**50.0%**" in "\n".join(robustness.table([run("full", 1, 1.0, 0.5)], chance))
+
+
+def gpu_acceptance_phases(out: Path) -> dict:
+    import json
+
+    files = sorted(out.glob("gpu_acceptance_dry-run-cpu_*.json"))
+    assert len(files) == 1, files
+    assert files[0].with_suffix(".md").is_file()
+    return {phase["number"]: phase for phase in json.loads(files[0].read_text())["phases"]}
+
+
+def test_gpu_acceptance_dry_run_compares_numbers_in_every_phase(bench, tmp_path):
+    acceptance = bench("gpu_acceptance")
+    sharded = acceptance.sharded_init_available()  # None where this commit builds ZeRO-3 partitioned
+    # phase 5's dry run (two DeepSpeed processes) is the slow test below where the feature exists
+    phases_arg = ["--phases", "1,2,3,4,6"] if sharded is None else []
+    assert acceptance.main(["--dry-run", "--out", str(tmp_path), *phases_arg]) == 0
+    text = only_result(tmp_path, "gpu_acceptance", "dry-run-cpu")
+    phases = gpu_acceptance_phases(tmp_path)
+    assert sorted(phases) == [1, 2, 3, 4, 5, 6]
+    assert all(phases[n]["status"] == "pass" for n in (1, 2, 3, 4, 6)), {n: p["summary"] for n, p in phases.items()}
+    if sharded is not None:
+        assert phases[5]["status"] == "skipped" and phases[5]["summary"] == "not on this commit"
+        assert "| 5 sharded init | skipped |" in text and "not on this commit" in text
+
+    def checks(number: int) -> dict:
+        found = {check["name"]: check for check in phases[number]["checks"]}
+        for check in found.values():  # every check compared a real number and passed
+            assert isinstance(check["value"], float) and check["passed"], check
+        return found
+
+    packed = checks(3)
+    assert len(packed) == 5
+    for name, check in packed.items():
+        if "relative" in name and "control" not in name:
+            assert check["limit"] == 1e-5 and check["value"] <= 1e-5  # float32 on CPU: exact-ish
+    control = next(c for n, c in packed.items() if "negative control" in n)
+    assert control["value"] > 10 and phases[3]["data"]["control_hidden_error"] > 1e-3  # a leak IS detected
+    loss = checks(4)
+    compared = [n for n in loss if "relative" in n]
+    assert len(compared) == 9  # loss, two gradients x (512 float32, 512 bf16, 2048 bf16)
+    assert all(loss[n]["limit"] == 1e-5 for n in compared if "float32" in n)
+    assert [case["tokens"] for case in phases[4]["data"]["cases"]] == [512, 512, 2048]
+    checks(2)
+    data = phases[6]["data"]
+    assert data["tokens_per_s"] > 0 and data["samples_per_s"] > 0 and data["steps"] >= 1
+    assert data["flops_with_tower"] > data["flops_without_tower"] > 0
+    assert data["mfu_with_tower"] is None  # no peak on CPU: MFU n/a, never a made-up number
+    import torch
+
+    if not torch.cuda.is_available():
+        done = subprocess.run([sys.executable, str(BENCH / "gpu_acceptance.py"), "--out", str(tmp_path / "none")],
+                              check=False, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and "no CUDA" in done.stderr
+        assert not (tmp_path / "none").exists()
+
+
+def test_gpu_acceptance_keeps_earlier_phases_when_one_crashes_or_runs_over(bench, tmp_path, monkeypatch):
+    import time
+
+    acceptance = bench("gpu_acceptance")
+
+    def crash(ctx, phase):
+        raise RuntimeError("planted failure")
+
+    monkeypatch.setitem(acceptance.PHASE_FUNCTIONS, 4, crash)
+    assert acceptance.main(["--dry-run", "--out", str(tmp_path), "--phases", "1,2,3,4"]) == 1
+    phases = gpu_acceptance_phases(tmp_path)
+    assert [phases[n]["status"] for n in (1, 2, 3)] == ["pass"] * 3
+    assert phases[4]["status"] == "error" and "planted failure" in phases[4]["summary"]
+    assert phases[6]["status"] == "skipped" and "not asked for" in phases[6]["summary"]
+    with pytest.raises(acceptance.PhaseTimeout), acceptance.time_box(0.2):
+        time.sleep(5)
+
+
+@pytest.mark.slow
+def test_gpu_acceptance_sharded_init_phase_builds_the_same_weights(bench, tmp_path):
+    """Phase 5 on CPU: the whole-model and the partitioned (ZeRO-3, one gloo process) builds in fresh processes hold
+    the same LLM and tower weights. About a minute (two DeepSpeed start-ups)."""
+    acceptance = bench("gpu_acceptance")
+    missing = acceptance.sharded_init_available()
+    if missing is not None:
+        pytest.skip(f"ZeRO-3 sharded init is {missing}")
+    pytest.importorskip("deepspeed")
+    assert acceptance.main(["--dry-run", "--out", str(tmp_path), "--phases", "5"]) == 0
+    phase = gpu_acceptance_phases(tmp_path)[5]
+    assert phase["status"] == "pass", phase["summary"]
+    checksum = next(c for c in phase["checks"] if "checksum" in c["name"])
+    assert checksum["value"] == 0.0 and phase["data"]["whole"]["params"] == phase["data"]["partitioned"]["params"]
