@@ -51,7 +51,7 @@ def run_demo(plan: str, seed: int, threads: int, workdir: Path, capability: str 
         raise RuntimeError(f"demo {plan} seed {seed} threads {threads} failed:\n{done.stdout[-3000:]}"
                            f"\n{done.stderr[-3000:]}")
     results = json.loads((workdir / "results.json").read_text())
-    return {"plan": plan, "seed": seed, "threads": threads, "capability": capability or "default", "wall_s": wall,
+    return {"plan": plan, "seed": seed, "threads": threads, "capability": capability or "native", "wall_s": wall,
             "scores": {s: v["accuracy"] for s, v in results["scores"].items()}, "n": results["plan"]["heldout_per_skill"],
             "stage_s": results["wall_seconds"]}
 
@@ -146,7 +146,7 @@ def main(argv: list[str] | None = None) -> int:
     chance = chance_levels()
     summary_lines, ok = summary(runs, chance)
     extra = [f"runs: plans {','.join(plans)} x seeds {args.seeds} x threads {args.threads}, "
-             f"kernels {args.cpu_capability or 'default (this CPU)'}, {args.parallel} at a time"
+             f"kernels {args.cpu_capability or 'native (this CPU)'}, {args.parallel} at a time"
              + ("" if args.parallel == 1 else " (wall times are of concurrent runs, not of a run alone)")
              + (f"; with {sum(len(json.loads(Path(p).read_text())) for p in args.include)} earlier run(s) from "
                 + ", ".join(Path(p).name for p in args.include) if args.include else ""),

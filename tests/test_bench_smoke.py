@@ -123,7 +123,7 @@ def test_demo_robustness_summary_names_a_missed_bar(bench):
 
     def run(plan, seed, colour, chart):
         scores = {skill: 0.3 for skill in robustness.SKILLS} | {"colour": colour, "chart": chart}
-        return {"plan": plan, "seed": seed, "threads": 1, "capability": "default", "wall_s": 100.0,
+        return {"plan": plan, "seed": seed, "threads": 1, "capability": "native", "wall_s": 100.0,
                 "scores": scores}
 
     good = [run("quick", 0, 1.0, 0.3), run("quick", 1, 0.6, 0.3), run("full", 0, 1.0, 0.9)]
