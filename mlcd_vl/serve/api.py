@@ -52,7 +52,7 @@ class ServerOptions(IntakeOptions):
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="HF-native model folder")
+    parser.add_argument("--model", required=True, help="HF-native model folder or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
@@ -244,6 +244,10 @@ def create_app(engine, options: ServerOptions):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlcd_vl.model.sources import model_source
+
+    model_source(args.model, "--model")  # a mistyped folder is answered before torch and transformers load
+
     import uvicorn
     from transformers.utils import logging as hf_logging
 
