@@ -182,4 +182,7 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="mlcd-vl chat", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from mlcd_vl.errors import run_reporting
+
+    _args = _parser.parse_args()
+    sys.exit(run_reporting("mlcd-vl chat", lambda: run(_args)))

@@ -179,4 +179,7 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="mlcd-vl web", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from mlcd_vl.errors import run_reporting
+
+    _args = _parser.parse_args()
+    sys.exit(run_reporting("mlcd-vl web", lambda: run(_args)))
