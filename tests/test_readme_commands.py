@@ -139,7 +139,8 @@ def _environment(root: Path) -> dict[str, str]:
     """The interpreter's venv first on PATH (`mlcd-vl`, `python`) and for the scripts; this copy's package first."""
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}",
                MLCD_VL_VENV=sys.prefix, PYTHONPATH=str(root), HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(_free_port()))
+               TOKENIZERS_PARALLELISM="false", MASTER_PORT=str(_free_port()),
+               MLCD_VL_CACHE_DIR=str(root.parent / "data-cache"))  # the data cache, outside the copy
     env.pop("PYTHON", None)  # the scripts' interpreter comes from MLCD_VL_VENV
     return env
 
