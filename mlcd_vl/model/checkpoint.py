@@ -18,8 +18,8 @@ import torch
 from transformers import (AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
-from mlcd_vl.model import anyres
 from mlcd_vl.errors import UsageError, UserError, first_line
+from mlcd_vl.model import anyres
 from mlcd_vl.model.build import SETTINGS_KEY, VLMSettings, model_type_for, prepare_tokenizer
 from mlcd_vl.model.sources import model_source
 

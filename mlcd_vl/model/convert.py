@@ -3,7 +3,8 @@
     mlcd-vl convert SRC DST [--vision-tower PATH] [--base-llm PATH] [--allow-pickle] [--to hf|upstream]
                             [--projector-only] [--dtype auto|float32|bfloat16|float16]
 
-The direction comes from SRC/config.json (never from a path):
+SRC is a folder or a hub id (downloaded once into the Hugging Face cache; with HF_HUB_OFFLINE=1 read from it). The
+direction comes from SRC/config.json (never from a path):
 
 * upstream stage-2 checkpoint (`architectures: [LlavaQwenForCausalLM]`, model_type `qwen2` or `llava_qwen`)
   -> HF-native folder: anyres / anyres_max_N + spatial_unpad become LLaVA-NeXT / LLaVA-OneVision, square / pad + flat
