@@ -99,7 +99,8 @@ def test_web_on_a_busy_port_names_our_option(tmp_path):
         done = mlcd_vl("web", "--model", str(tmp_path), "--port", str(port))
     assert done.returncode == 1
     line = one_line(done.stderr, "mlcd-vl web: error: ")
-    assert f"--port {port}" in line and "GRADIO" not in line
+    assert f"cannot serve on 127.0.0.1:{port}: the port is in use (choose another --port)" in line
+    assert "GRADIO" not in line
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a CUDA GPU")

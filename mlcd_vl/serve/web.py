@@ -147,12 +147,12 @@ def run(args: argparse.Namespace) -> int:
 
     from mlcd_vl.errors import UserError
     from mlcd_vl.model.sources import model_source
-    from mlcd_vl.serve.ports import check_port_free
+    from mlcd_vl.serve.ports import bind
 
     # a mistyped folder and a busy port are answered before torch, transformers and the model load (in our words:
     # Gradio's own message names GRADIO_SERVER_PORT)
     model_source(args.model, "--model")
-    check_port_free(args.host, args.port)
+    bind(args.host, args.port).close()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from transformers.utils import logging as hf_logging
 
@@ -170,8 +170,7 @@ def run(args: argparse.Namespace) -> int:
             server_name=args.host, server_port=args.port, share=False, inbrowser=False,
             allowed_paths=[str(DEMO_IMAGE.parent)])
     except OSError as error:  # taken since the check: Gradio's message names GRADIO_SERVER_PORT, ours --port
-        raise UserError(f"--port {args.port}: cannot serve on {args.host}:{args.port} ({error}); choose another "
-                        "--port") from error
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {error} (choose another --port)") from error
     return 0
 
 
