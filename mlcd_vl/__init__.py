@@ -6,10 +6,11 @@ The house, floor by floor; a module imports only from its own floor or the floor
     0  vocab.py                 shared words: IGNORE_INDEX, <image> and its expansion, the anyres grid type, the
                                 pixel limit
        console.py               what the terminal shows: plain-text tables, DeepSpeed's CPU notice kept quiet
+       errors.py                the user-error types every command raises and the one place that reports them
     1  presets.py, assets/      named towers (with their image settings and statistics) and LLMs, the upstream grid;
                                 bundled files (the demo picture)
     2  model/                   build, load and save the VLM, pixels, anyres, chat templates, the tiny preset,
-                                upstream conversion
+                                upstream conversion; where a model comes from (a folder or a hub id: `sources`)
     3  data/                    records -> samples -> batches (`data.config.DataConfig` owns its settings)
     4  train/  serve/  eval/    the recipe (`train.run`); the engine with its one decode loop and the servers; the
                                 lmms-eval adapter (eval sits on serve's engine)

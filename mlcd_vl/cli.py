@@ -1,7 +1,9 @@
 """The `mlcd-vl` command: a table of subcommands, nothing else.
 
 Each subcommand lives in its own module exposing `configure_parser(parser)` and `run(args) -> int`; modules keep
-heavy imports inside `run` so `mlcd-vl --help` stays fast.
+heavy imports (torch, transformers) inside `run` so building the parser, and so `--help`, stays fast
+(tests/test_cli_errors.py checks it). A command signals a user's mistake by raising `errors.UsageError` (exit 2) or
+another `errors.UserError` (exit 1); `main` prints it as one line. `--debug` (or MLCD_VL_DEBUG=1) shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ import importlib
 import sys
 
 from mlcd_vl.console import use_help_formatter
+from mlcd_vl.errors import run_reporting
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "demo": ("mlcd_vl.demo.run", "train, evaluate and chat with a tiny model on the CPU, end to end (no downloads)"),
@@ -26,26 +29,40 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="mlcd-vl", description="Train, evaluate and serve MLCD-LLaVA models.")
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser; with `only`, the other subcommands are listed but their modules are not imported."""
+    debug = argparse.ArgumentParser(add_help=False)
+    debug.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                       help="show the full traceback of an error (also: MLCD_VL_DEBUG=1)")
+    parser = argparse.ArgumentParser(prog="mlcd-vl", description="Train, evaluate and serve MLCD-LLaVA models.",
+                                     parents=[debug])
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND")
     for name, (module_name, help_text) in COMMANDS.items():
+        if only is not None and name != only:
+            subparsers.add_parser(name, help=help_text)
+            continue
         module = importlib.import_module(module_name)
         sub = subparsers.add_parser(name, help=help_text, description=(module.__doc__ or help_text).strip(),
-                                    formatter_class=argparse.RawDescriptionHelpFormatter)
+                                    formatter_class=argparse.RawDescriptionHelpFormatter, parents=[debug])
         module.configure_parser(sub)
         sub.set_defaults(_module=module)
     use_help_formatter(parser)  # every option's default in --help, sub-commands' sub-commands included
     return parser
 
 
+def _command_in(argv: list[str]) -> str:
+    """The subcommand `argv` names (its first non-option word), or "" when it names none."""
+    return next((word for word in argv if not word.startswith("-")), "")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = build_parser(only=_command_in(argv))  # imports only the module of the command asked for
     args = parser.parse_args(argv)
     if getattr(args, "_module", None) is None:
         parser.print_help()
         return 2
-    return int(args._module.run(args) or 0)
+    return run_reporting(f"mlcd-vl {args.command}", lambda: args._module.run(args), getattr(args, "debug", False))
 
 
 if __name__ == "__main__":

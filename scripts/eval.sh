@@ -43,6 +43,8 @@ fi
 fail() { echo "eval.sh: FAILED: $*" >&2; exit 1; }
 [[ "$NUM_GPUS" =~ ^[1-9][0-9]*$ ]] || fail "NUM_GPUS must be a positive integer, got '$NUM_GPUS'"
 [[ "$BATCH_SIZE" =~ ^[1-9][0-9]*$ ]] || fail "BATCH_SIZE must be a positive integer, got '$BATCH_SIZE'"
+# a missing folder (or, offline, a hub id that is not cached) stops here in one line, before lmms-eval starts
+"$PYTHON" -m mlcd_vl.model.sources "$MODEL" --prog eval.sh >/dev/null || exit 2
 mkdir -p "$OUTPUT_DIR"
 OUTPUT_DIR="$(cd "$OUTPUT_DIR" && pwd)"
 [[ -d "$MODEL" ]] && MODEL="$(cd "$MODEL" && pwd)"  # lmms-eval runs from the repository root

@@ -25,6 +25,15 @@ if command -v nvidia-smi >/dev/null 2>&1; then
   export ACCELERATE_CPU_AFFINITY=${ACCELERATE_CPU_AFFINITY:-1}  # as upstream; needs GPUs
 fi
 
+# The tiny CPU recipes read the playground's synthetic data (playground/README.md): write it on first use, unless
+# an override points data.train elsewhere. playground.json is written last, so it marks a complete folder.
+PLAYGROUND=playground/tiny/data
+if [[ -f $RECIPE ]] && grep -q "$PLAYGROUND/" "$RECIPE" && [[ ! -f $PLAYGROUND/playground.json ]] \
+    && ! printf '%s\n' "$@" | grep -q '^data\.train='; then
+  echo "[launch] writing the tiny recipes' data to $PLAYGROUND (python -m mlcd_vl.demo.playground, ~15 s)"
+  "$PYTHON" -m mlcd_vl.demo.playground "$PLAYGROUND" >/dev/null
+fi
+
 "$PYTHON" -m mlcd_vl.train.launch --quiet "$RECIPE" --world-size $((NUM_GPUS * NNODES)) "$@"
 
 if [[ -n ${HOSTFILE:-} ]]; then

@@ -238,8 +238,7 @@ def test_direction_and_destination_checks(vectors_dir, manifest, tmp_root, tmp_p
 
 
 def _cli(args: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    code = ("import argparse, sys\nfrom mlcd_vl.model import convert\nparser = argparse.ArgumentParser()\n"
-            "convert.configure_parser(parser)\nsys.exit(convert.run(parser.parse_args(sys.argv[1:])))")
+    code = "import sys\nfrom mlcd_vl.cli import main\nsys.exit(main(['convert', *sys.argv[1:]]))"
     return subprocess.run([sys.executable, "-c", code, *args], cwd=REPO_ROOT, capture_output=True, text=True,
                           env={**os.environ, **(env or {})}, timeout=300)
 

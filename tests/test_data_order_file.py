@@ -6,7 +6,6 @@ micro-batch the trainer steps on through a wrapper around `step.optimizer_step` 
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -14,12 +13,13 @@ from pathlib import Path
 import pytest
 
 import train_helpers as H
+from mlcd_vl import cli
 from mlcd_vl.data.order_file import (FixedOrderBatchSampler, OrderFileError, order_digest, read_order_file,
                                      resolve_order)
 from mlcd_vl.data.samplers import LengthGroupedBatchSampler
 from mlcd_vl.train import step as train_step
 from mlcd_vl.train.config import ConfigError, load_config
-from mlcd_vl.train.run import configure_parser, run, train
+from mlcd_vl.train.run import train
 
 IDS = ["a", "b", "c", "d", "e"]
 
@@ -158,12 +158,10 @@ def test_trainer_replays_the_order_across_epochs_and_resumes_in_it(workspace, mo
 def test_unknown_id_stops_the_command_with_one_line(workspace, capsys):
     order_file = workspace["root"] / "bad_order.txt"
     order_file.write_text("cap-red cap-blue\ncap-purple\n")
-    parser = argparse.ArgumentParser()
-    configure_parser(parser)
-    args = parser.parse_args([str(H.RECIPES / "tiny_stage1.yaml"), f"data.train={workspace['captions']}",
-                              f"data.image_folder={workspace['images']}", f"data.order_file={order_file}",
-                              f"output_dir={workspace['root'] / 'bad'}"])
-    assert run(args) == 2
+    argv = ["train", str(H.RECIPES / "tiny_stage1.yaml"), f"data.train={workspace['captions']}",
+            f"data.image_folder={workspace['images']}", f"data.order_file={order_file}",
+            f"output_dir={workspace['root'] / 'bad'}"]
+    assert cli.main(argv) == 2
     errors = capsys.readouterr().err.strip().splitlines()
     assert errors[-1] == (f"mlcd-vl train: error: {order_file}: micro-batch 1 names record id 'cap-purple', which "
                           "the training data does not have")

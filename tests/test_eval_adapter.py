@@ -15,6 +15,7 @@ from lmms_eval.api.instance import Instance  # noqa: E402
 from lmms_eval.tasks.chartqa import utils as chartqa_utils  # noqa: E402
 from lmms_eval.tasks.mmmu import utils as mmmu_utils  # noqa: E402
 
+from mlcd_vl.errors import UsageError  # noqa: E402
 from mlcd_vl.eval import register_lmms_model  # noqa: E402
 from mlcd_vl.eval.generation import effective_generation  # noqa: E402
 from mlcd_vl.eval.lmms_adapter import MLCDLlava, build_question, plan_batches  # noqa: E402
@@ -202,7 +203,7 @@ def test_rejects_what_it_does_not_do(adapter, workdir):
         adapter.generate_until([_with_kwargs(_instances(workdir["docs"], False)[0], dict(CHART_KW, num_beams=2))])
     with pytest.raises(TypeError, match="unknown model_args"):
         MLCDLlava(pretrained=str(workdir["model"]), model_name="llava_qwen")
-    with pytest.raises(FileNotFoundError, match="neither a checkpoint folder"):
+    with pytest.raises(UsageError, match="no such folder: .*missing"):
         MLCDLlava(pretrained=str(workdir["root"] / "missing"))
     assert adapter.device == torch.device("cpu") and (adapter.rank, adapter.world_size) == (0, 1)
     assert next(adapter.model.parameters()).dtype == torch.float32

@@ -7,8 +7,8 @@ import ast
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlcd_vl"
-FLOORS = {"vocab": 0, "console": 0, "presets": 1, "assets": 1, "model": 2, "data": 3, "train": 4, "serve": 4,
-          "eval": 4, "demo": 5, "cli": 6}
+FLOORS = {"vocab": 0, "console": 0, "errors": 0, "presets": 1, "assets": 1, "model": 2, "data": 3, "train": 4,
+          "serve": 4, "eval": 4, "demo": 5, "cli": 6}
 SIBLINGS = {("eval", "serve")}  # (importer, imported) on one floor: the lmms-eval adapter runs the serving engine
 
 

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import argparse
 import os
 import subprocess
 import sys
@@ -12,8 +11,8 @@ from pathlib import Path
 import pytest
 from PIL import Image, ImageDraw
 
+from mlcd_vl import cli
 from mlcd_vl.assets import DEMO_IMAGE
-from mlcd_vl.serve import cli_chat
 from mlcd_vl.serve.cli_chat import Conversation
 from mlcd_vl.serve.engine import Engine
 from mlcd_vl.serve.requests import GenerationSettings, Request
@@ -73,7 +72,6 @@ def test_piped_chat_matches_the_engine(model_dir, tmp_path):
 
 
 def test_bad_model_folder_fails_cleanly(tmp_path, capsys):
-    parser = argparse.ArgumentParser()
-    cli_chat.configure_parser(parser)
-    assert cli_chat.run(parser.parse_args(["--model", str(tmp_path / "nothing")])) == 2
-    assert "error:" in capsys.readouterr().err
+    assert cli.main(["chat", "--model", str(tmp_path / "nothing")]) == 2
+    err = capsys.readouterr().err
+    assert err == f"mlcd-vl chat: error: --model: no such folder: {tmp_path / 'nothing'}\n"

@@ -59,14 +59,25 @@ def test_pretrain_then_finetune_scripts_on_cpu(data):
 
 def test_scripts_default_to_the_mlcd_recipes_and_check_the_global_batch(data):
     """The bigG-448 recipes expect global batch 128 = 16 x 8 x 1 (stage 1) and 2 x 8 x 8 (stage 2): with one GPU
-    the launch stops with the config's message before torchrun starts (nothing is downloaded)."""
+    the launch stops with the config's message before torchrun starts (nothing is downloaded). With 8 GPUs the batch
+    fits; offline, the launch check then stops at the hub model that is not cached, in one line."""
+    local = ["model.llm=tiny", "model.tower=tiny", "model.init_from=null", f"data.train={data['captions']}",
+             f"data.image_folder={data['images']}"]  # the same recipes with inputs that exist here
     for name, recipe in (("pretrain.sh", "mlcd_bigG448_stage1.yaml"), ("finetune.sh", "mlcd_bigG448_stage2.yaml")):
         done = script(name, data, NUM_GPUS="1")
         assert done.returncode == 2 and "batch.global_batch_size" in done.stderr, done.stderr[-2000:]
-        done = subprocess.run([sys.executable, "-m", "mlcd_vl.train.launch",
-                               str(H.RECIPES / recipe), "--world-size", "8"], capture_output=True, text=True,
-                              cwd=H.REPO, env=H.env_for(data), timeout=60, check=False)
-        assert done.returncode == 0 and "effective global batch 128" in done.stdout
+        for overrides, code in (([], 1), (local, 0)):
+            done = subprocess.run([sys.executable, "-m", "mlcd_vl.train.launch", str(H.RECIPES / recipe),
+                                   "--world-size", "8", *overrides], capture_output=True, text=True, cwd=H.REPO,
+                                  env=H.env_for(data, HF_HUB_CACHE=str(data["root"] / "empty-hub-cache")),
+                                  timeout=60, check=False)
+            assert done.returncode == code, done.stderr[-2000:]
+            if code:
+                assert done.stderr == ("mlcd-vl train: error: model.llm: Qwen/Qwen2.5-7B-Instruct is not in the local "
+                                       "Hugging Face cache, and HF_HUB_OFFLINE=1 forbids downloading it (unset "
+                                       "HF_HUB_OFFLINE, or give a local folder)\n")
+            else:
+                assert "effective global batch 128" in done.stdout
 
 
 def _start(data, out: Path) -> subprocess.Popen:

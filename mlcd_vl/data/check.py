@@ -170,6 +170,10 @@ def run(args) -> int:
         print("usage: mlcd-vl data check DATA (--model DIR | --tiny) [--manifest M] [options] | "
               "mlcd-vl data manifest DATA [options]; see `mlcd-vl data check -h`")
         return 2
+    from mlcd_vl.model.sources import model_source
+
+    if args.model:
+        model_source(args.model, "--model")  # answered before torch and transformers load
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl.console import quiet_deepspeed_cpu_notice

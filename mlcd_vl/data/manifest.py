@@ -32,8 +32,13 @@ import numpy as np
 
 from mlcd_vl.data import cache
 from mlcd_vl.data.sources import ConcatRecords, HFRecords, JsonRecords, RecordSource, SubsetRecords, open_source
+from mlcd_vl.errors import UsageError
 
 VERSION = 1
+
+
+class ManifestError(UsageError, ValueError):
+    """A manifest file that cannot be read: missing, not JSON, another version, or edited by hand."""
 
 
 @dataclass
@@ -115,7 +120,7 @@ class Manifest:
     @classmethod
     def from_dict(cls, data: dict) -> Manifest:
         if data.get("version") != VERSION:
-            raise ValueError(f"data manifest version {data.get('version')!r} is not {VERSION}")
+            raise ManifestError(f"data manifest version {data.get('version')!r} is not {VERSION}")
         manifest = cls(data["data"], data.get("image_folder"), int(data["seed"]),
                        [SourceInfo(**s) for s in data["sources"]], [EntryInfo(**e) for e in data["entries"]],
                        [ImageFolderInfo(**f) for f in data["image_folders"]], bool(data.get("deep")),
@@ -123,7 +128,7 @@ class Manifest:
         edited = "hash" in data and data["hash"] != manifest.hash
         edited |= any(e.ids is not None and e.ids_sha256 != cache.digest(e.ids) for e in manifest.entries)
         if edited:
-            raise ValueError("data manifest was edited: its recorded hashes do not match its content")
+            raise ManifestError("data manifest was edited: its recorded hashes do not match its content")
         return manifest
 
     def save(self, path: str | os.PathLike) -> Path:
@@ -139,7 +144,7 @@ class Manifest:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (OSError, json.JSONDecodeError, KeyError, TypeError) as error:
-            raise ValueError(f"{path}: not a data manifest ({error})") from None
+            raise ManifestError(f"{path}: not a data manifest ({error})") from None
 
     def describe(self) -> str:
         """A few lines for the console."""

@@ -33,9 +33,10 @@ import torch
 from mlcd_vl.data.samplers import ShardedBatchSampler
 from mlcd_vl.data.samples import record_id_of
 from mlcd_vl.data.sources import RecordSource
+from mlcd_vl.errors import UsageError
 
 
-class OrderFileError(ValueError):
+class OrderFileError(UsageError, ValueError):
     """An order file that cannot be read or names records the data does not have; the message names file and id."""
 
 

@@ -17,6 +17,8 @@ from collections import Counter
 from dataclasses import dataclass, field
 from enum import Enum
 
+from mlcd_vl.errors import UsageError, UserError
+
 logger = logging.getLogger("mlcd_vl.data")
 
 
@@ -49,12 +51,16 @@ class SkippedRecord:
         return f"record {self.record_id!r}: {self.problem.value}: {self.detail}"
 
 
-class DataError(ValueError):
+class DataError(UserError, ValueError):
     """Raised instead of skipping when `strict=True`; the message names the record and the reason."""
 
     def __init__(self, skipped: SkippedRecord):
         super().__init__(str(skipped))
         self.skipped = skipped
+
+
+class DataFileNotFound(UsageError, FileNotFoundError):
+    """A data file or folder a recipe or `data check` names does not exist."""
 
 
 class RecordProblem(Exception):

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from mlcd_vl.data.problems import SkippedRecord
+from mlcd_vl.data.problems import DataFileNotFound, SkippedRecord
 
 
 @dataclass(frozen=True)
@@ -198,7 +198,7 @@ def open_file(path: str, image_folder: str | None, cache_dir: str | os.PathLike 
             return HFRecords.from_parquet(parquet, image_folder)
         raise ValueError(f"{path}: folder holds neither a saved dataset nor parquet files")
     if not target.is_file():
-        raise FileNotFoundError(f"{path}: data file not found")
+        raise DataFileNotFound(f"{path}: data file not found")
     if target.suffix == ".parquet":
         return HFRecords.from_parquet([str(target)], image_folder)
     if target.suffix in (".yaml", ".yml"):

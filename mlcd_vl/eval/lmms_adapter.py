@@ -94,17 +94,10 @@ def resolve_checkpoint(pretrained: str | Path, *, cache_dir: str | Path | None =
     """An HF-native folder for `pretrained` (a folder or hub id): itself, or its converted copy (made once)."""
     from filelock import FileLock
 
+    from mlcd_vl.model.sources import local_folder
     from mlcd_vl.model.upstream_format import detect_format
 
-    source = Path(str(pretrained)).expanduser()
-    if not source.is_dir():
-        text = str(pretrained)
-        if source.exists() or text.startswith((".", "/", "~")) or text.count("/") != 1:
-            raise FileNotFoundError(f"{MODEL_ID}: pretrained={text} is neither a checkpoint folder nor a hub id "
-                                    "(org/name)")
-        from huggingface_hub import snapshot_download
-
-        source = Path(snapshot_download(text))
+    source = local_folder(pretrained, f"{MODEL_ID} pretrained")  # a hub id is downloaded (or read from the cache)
     if detect_format(source) == "hf":
         return source
     target = converted_folder(source, cache_dir)

@@ -16,6 +16,7 @@ import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.eval import MODEL_ID
 from mlcd_vl.eval.generation import effective_generation
 from mlcd_vl.eval.tasks import BENCHMARKS, Benchmark, benchmark_for_task
@@ -33,7 +34,7 @@ PUBLISHED: list[tuple[str, dict[str, float]]] = [
 ]
 
 
-class SummaryError(ValueError):
+class SummaryError(UsageError, ValueError):
     """No usable results: the message names the path."""
 
 

@@ -15,18 +15,17 @@ import sys
 import tempfile
 from pathlib import Path
 
+from mlcd_vl.errors import UsageError
 
-class BuildError(ValueError):
+
+class BuildError(UsageError, ValueError):
     """A build request that cannot work; the message names the offending value."""
-
-
-def _looks_like_path(value: str) -> bool:
-    return value.startswith((".", "/", "~")) or Path(value).exists() or value.count("/") > 1 or "\\" in value
 
 
 def check_source(value: str, kind: str) -> None:
     """A preset name, an existing folder or something shaped like a hub id (`owner/name`); else a clear error."""
     from mlcd_vl import presets
+    from mlcd_vl.model.sources import model_source
 
     registry = presets.TOWERS if kind == "tower" else presets.LLMS
     lookup = presets.tower_preset if kind == "tower" else presets.llm_preset
@@ -39,11 +38,10 @@ def check_source(value: str, kind: str) -> None:
             raise BuildError(f"--{kind} {value!r}: folder has no config.json"
                              + (" or open_clip_config.json" if kind == "tower" else ""))
         return
-    if _looks_like_path(value):
-        raise BuildError(f"--{kind} {value!r}: folder not found")
-    if value.count("/") != 1:
+    if "/" not in value and not value.startswith(("~", ".")):
         raise BuildError(f"--{kind} {value!r}: not a known preset, a folder or a hub id (owner/name); "
                          f"presets: {', '.join(sorted(registry))}")
+    model_source(value, f"--{kind}")  # a missing path, or a hub id not in the cache while offline: one line
 
 
 def _check_reachable(value: str, kind: str) -> None:
@@ -151,10 +149,10 @@ def run(args: argparse.Namespace) -> int:
     quiet_deepspeed_cpu_notice()
     try:
         build(args)
-    except (BuildError, KeyError) as error:
-        print(f"error: {error.args[0] if error.args else error}", file=sys.stderr)
-        return 2
-    except (OSError, ValueError) as error:
-        print(f"error: cannot build the model: {error}", file=sys.stderr)
-        return 2
+    except UsageError:
+        raise
+    except KeyError as error:
+        raise UsageError(error.args[0] if error.args else str(error)) from error
+    except (OSError, ValueError) as error:  # the loaders' own errors
+        raise UsageError(f"cannot build the model: {error}") from error
     return 0

@@ -18,14 +18,16 @@ import torch
 from transformers import (AutoConfig, AutoModelForImageTextToText, AutoTokenizer, PreTrainedModel,
                           PreTrainedTokenizerBase)
 
+from mlcd_vl.errors import UsageError, UserError, first_line
 from mlcd_vl.model import anyres
 from mlcd_vl.model.build import SETTINGS_KEY, VLMSettings, model_type_for, prepare_tokenizer
+from mlcd_vl.model.sources import model_source
 
 SUPPORTED_MODEL_TYPES = ("llava", "llava_next", "llava_onevision")
 log = logging.getLogger("mlcd_vl.checkpoint")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UsageError, ValueError):
     """A checkpoint folder that cannot be loaded; the message names the folder or file."""
 
 
@@ -112,9 +114,13 @@ def save_vlm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, setting
     return folder
 
 
-def _check_folder(folder: Path) -> None:
+def _check_config(folder: Path) -> None:
     if not (folder / "config.json").is_file():
         raise CheckpointError(f"{folder}: no config.json (not a model folder)")
+
+
+def _check_folder(folder: Path) -> None:
+    _check_config(folder)
     for weights in sorted(folder.glob("*.safetensors")):
         try:
             from safetensors import safe_open
@@ -156,11 +162,11 @@ def describe_weight_mismatch(info: dict, kinds: tuple[str, ...] = ("missing_keys
 def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
              attn_implementation: str | None = None,
              ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
-    """Load an HF-native folder (ours or any LLaVA / LLaVA-NeXT / OneVision one) with our settings."""
-    folder = Path(folder)
+    """Load an HF-native folder (ours or any LLaVA / LLaVA-NeXT / OneVision one) or hub id with our settings."""
+    folder = Path(model_source(folder))
     if folder.exists():
         _check_folder(folder)
-    config = AutoConfig.from_pretrained(folder)
+    config = _read_config(folder)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise CheckpointError(f"{folder}: model type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
                               "upstream LLaVA checkpoints need `mlcd-vl convert` first")
@@ -195,5 +201,16 @@ def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, devi
 
 
 def read_settings(folder: str | Path) -> VLMSettings:
-    """Settings of a saved folder without loading weights."""
-    return settings_from_config(AutoConfig.from_pretrained(folder))
+    """Settings of a saved folder (or hub id) without loading weights."""
+    folder = model_source(folder)
+    if Path(folder).exists():
+        _check_config(Path(folder))
+    return settings_from_config(_read_config(folder))
+
+
+def _read_config(folder: str | Path):
+    """config.json of a folder or hub id; the hub's many-line failures (offline, not found) become one line."""
+    try:
+        return AutoConfig.from_pretrained(folder)
+    except OSError as error:
+        raise UserError(f"{folder}: cannot read config.json ({first_line(error)})") from error

@@ -3,7 +3,8 @@
     mlcd-vl convert SRC DST [--vision-tower PATH] [--base-llm PATH] [--allow-pickle] [--to hf|upstream]
                             [--projector-only] [--dtype auto|float32|bfloat16|float16]
 
-The direction comes from SRC/config.json (never from a path):
+SRC is a folder or a hub id (downloaded once into the Hugging Face cache; with HF_HUB_OFFLINE=1 read from it). The
+direction comes from SRC/config.json (never from a path):
 
 * upstream stage-2 checkpoint (`architectures: [LlavaQwenForCausalLM]`, model_type `qwen2` or `llava_qwen`)
   -> HF-native folder: anyres / anyres_max_N + spatial_unpad become LLaVA-NeXT / LLaVA-OneVision, square / pad + flat
@@ -78,7 +79,8 @@ def convert(src: str | Path, dst: str | Path, *, to: str | None = None, vision_t
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.formatter_class = argparse.RawDescriptionHelpFormatter
-    parser.add_argument("src", metavar="SRC", help="checkpoint folder to convert (upstream, stage-1 or HF-native)")
+    parser.add_argument("src", metavar="SRC",
+                        help="checkpoint folder or hub id to convert (upstream, stage-1 or HF-native)")
     parser.add_argument("dst", metavar="DST", help="output folder (created)")
     parser.add_argument("--to", choices=("hf", "upstream"), default=None,
                         help="expected direction; detected from SRC/config.json, this only checks it")
@@ -102,14 +104,12 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from mlcd_vl.console import quiet_deepspeed_cpu_notice
+    from mlcd_vl.model.sources import local_folder
 
     quiet_deepspeed_cpu_notice()
-    try:
-        convert(args.src, args.dst, to=args.to, vision_tower=args.vision_tower, base_llm=args.base_llm,
-                allow_pickle=args.allow_pickle, projector_only=args.projector_only, dtype=args.dtype,
-                template=args.template, overwrite=args.overwrite)
-    except ConvertError as error:
-        _stderr(f"mlcd-vl convert: error: {error}")
-        return 2
+    src = local_folder(args.src, "SRC")  # a hub id is downloaded (or read from the cache) first
+    convert(src, args.dst, to=args.to, vision_tower=args.vision_tower, base_llm=args.base_llm,
+            allow_pickle=args.allow_pickle, projector_only=args.projector_only, dtype=args.dtype,
+            template=args.template, overwrite=args.overwrite)
     _stderr(f"done: {args.dst}")
     return 0

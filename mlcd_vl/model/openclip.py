@@ -35,6 +35,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from mlcd_vl.errors import UsageError
+
 CONFIG_NAME = "open_clip_config.json"
 SAFE_WEIGHTS_NAME = "open_clip_model.safetensors"
 PICKLE_WEIGHTS_NAME = "open_clip_pytorch_model.bin"
@@ -64,7 +66,7 @@ _DROPPED = ("visual.proj",)  # the contrastive image projection; LLaVA uses hidd
 _BLOCK_KEY = re.compile(r"^visual\.transformer\.resblocks\.(\d+)\.(.+?)[._](weight|bias)$")  # in_proj_weight too
 
 
-class OpenCLIPError(ValueError):
+class OpenCLIPError(UsageError, ValueError):
     """An OpenCLIP source that cannot be converted; the message names the source and the reason."""
 
 

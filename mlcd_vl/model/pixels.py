@@ -20,12 +20,13 @@ import numpy as np
 import torch
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.model import anyres
 from mlcd_vl.presets import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, TowerPreset
 from mlcd_vl.vocab import DEFAULT_MAX_PIXELS
 
 
-class ImageError(ValueError):
+class ImageError(UsageError, ValueError):
     """An image that cannot be used; the message names the file."""
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 
 ROLE_ALIASES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
@@ -30,7 +31,7 @@ class Message:
     content: str  # may contain <image> placeholders
 
 
-class TemplateError(ValueError):
+class TemplateError(UsageError, ValueError):
     """A conversation the template cannot render; the message says why."""
 
 

@@ -10,6 +10,8 @@ import json
 from pathlib import Path
 from typing import Callable
 
+from mlcd_vl.errors import UsageError
+
 UPSTREAM_BLOCK_KEY = "mlcd_vl_upstream"  # upstream's LLaVA config fields, kept for the way back
 UPSTREAM_VOCAB_KEY = "_upstream_vocab_size"  # set when conversion had to add an embedding row for <image>
 UPSTREAM_ARCHITECTURE = "LlavaQwenForCausalLM"
@@ -38,7 +40,7 @@ SELECT_FEATURE_TO_STRATEGY = {"patch": "default", "cls_patch": "full"}
 Log = Callable[[str], None]
 
 
-class ConvertError(ValueError):
+class ConvertError(UsageError, ValueError):
     """A checkpoint that cannot be converted; the message names the file, key or setting."""
 
 

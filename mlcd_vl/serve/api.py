@@ -19,12 +19,10 @@ serving. The port is bound before the model loads, so a busy port fails at once,
 
 import argparse
 import asyncio
-import errno
 import hmac
 import json
 import logging
 import os
-import socket
 import sys
 import time
 from contextlib import asynccontextmanager
@@ -52,7 +50,7 @@ class ServerOptions(IntakeOptions):
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="HF-native model folder")
+    parser.add_argument("--model", required=True, help="HF-native model folder or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--served-model-name", default=None, help="the `model` clients send (default: folder name)")
@@ -81,19 +79,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 _HTTP_CODES = {404: "not_found", 405: "method_not_allowed"}
 
-
-def bind(host: str, port: int) -> socket.socket:
-    """The listening socket, bound now: a busy port is an `OSError` naming it, before the model loads."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn: restart right after a stop
-    try:
-        sock.bind((host, port))
-    except OSError as error:
-        sock.close()
-        reason = "the port is in use" if error.errno == errno.EADDRINUSE else (error.strerror or str(error))
-        raise OSError(error.errno, f"cannot serve on {host}:{port}: {reason} (choose another --port)") from None
-    return sock
 
 def create_app(engine, options: ServerOptions):
     """The FastAPI app; its batcher thread starts and stops with the app's lifespan."""
@@ -244,10 +229,16 @@ def create_app(engine, options: ServerOptions):
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlcd_vl.errors import UsageError
+    from mlcd_vl.model.sources import model_source
+    from mlcd_vl.serve.ports import bind
+
+    model_source(args.model, "--model")  # a mistyped folder is answered before torch and transformers load
+    sock = bind(args.host, args.port)  # and a busy port before the model loads
+
     import uvicorn
     from transformers.utils import logging as hf_logging
 
-    from mlcd_vl.model.checkpoint import CheckpointError
     from mlcd_vl.serve.batcher import BatcherOptions
     from mlcd_vl.serve.engine import Engine
 
@@ -255,24 +246,22 @@ def run(args: argparse.Namespace) -> int:
     hf_logging.set_verbosity_error()
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        sock = bind(args.host, args.port)
-    except OSError as error:
-        print(f"error: {error.strerror}", file=sys.stderr)
-        return 1
-    try:
+        try:
+            batcher = BatcherOptions(args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000,
+                                     args.default_max_tokens, scheduling=args.scheduling)
+        except ValueError as error:  # a batching option out of range
+            raise UsageError(str(error)) from None
         options = ServerOptions(
             served_model_name=args.served_model_name or Path(args.model).resolve().name,
             allow_remote_urls=args.allow_remote_urls, allow_private_urls=args.allow_private_urls,
             api_key=args.api_key or None, max_image_pixels=args.max_image_pixels,
             max_image_bytes=args.max_image_bytes, remote_timeout_s=args.remote_timeout,
             max_request_bytes=max(64 * 1024 * 1024, 2 * args.max_image_bytes),  # room for base64 images
-            batcher=BatcherOptions(args.max_batch_size, args.max_queue, args.batch_wait_ms / 1000,
-                                   args.default_max_tokens, scheduling=args.scheduling))
+            batcher=batcher)
         engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    except (CheckpointError, OSError, ValueError) as error:
+    except BaseException:  # the port is let go whatever stopped the start
         sock.close()
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise
     if args.host not in ("127.0.0.1", "localhost", "::1") and not options.api_key:
         log.warning("binding %s without --api-key: anyone who can reach the port can use the model", args.host)
     log.info("serving %s as %r on http://%s:%d/v1", args.model, options.served_model_name, args.host, args.port)
@@ -285,4 +274,7 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="mlcd-vl serve", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from mlcd_vl.errors import run_reporting
+
+    _args = _parser.parse_args()
+    sys.exit(run_reporting("mlcd-vl serve", lambda: run(_args)))

@@ -15,7 +15,7 @@ from pathlib import Path
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("question", help="the question (may contain <image> placeholders)")
-    parser.add_argument("--model", required=True, type=Path, help="HF-native model folder")
+    parser.add_argument("--model", required=True, help="HF-native model folder or hub id")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="an image file; repeat for several images")
     parser.add_argument("--max-new-tokens", type=int, default=512)
@@ -34,39 +34,37 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlcd_vl.model.sources import model_source
+
+    model_source(args.model, "--model")  # a mistyped folder is answered before torch and transformers load
+
     from transformers.utils import logging as hf_logging
 
-    from mlcd_vl.model.checkpoint import CheckpointError
-    from mlcd_vl.model.pixels import ImageError
+    from mlcd_vl.errors import UsageError
     from mlcd_vl.serve.engine import Engine
-    from mlcd_vl.serve.requests import EngineError, GenerationSettings, Request
+    from mlcd_vl.serve.requests import GenerationSettings, Request
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
     missing = [path for path in args.image if not Path(path).is_file()]
     if missing:
-        print(f"error: image not found: {', '.join(missing)}", file=sys.stderr)
-        return 2
-    try:
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-        messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
-            {"role": "user", "content": args.question}]
-        request = Request(messages, list(args.image))
-        if args.stream:
-            stream = engine.stream(request, settings)
-            for piece in stream:
-                print(piece, end="", flush=True)
-            print()
-            result = stream.result
-        else:
-            result = engine.generate([request], settings)[0]
-            print(result.text)
-    except (CheckpointError, EngineError, ImageError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+        raise UsageError(f"image not found: {', '.join(missing)}")
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, stop=tuple(args.stop), seed=args.seed)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
+    messages = ([{"role": "system", "content": args.system}] if args.system else []) + [
+        {"role": "user", "content": args.question}]
+    request = Request(messages, list(args.image))
+    if args.stream:
+        stream = engine.stream(request, settings)
+        for piece in stream:
+            print(piece, end="", flush=True)
+        print()
+        result = stream.result
+    else:
+        result = engine.generate([request], settings)[0]
+        print(result.text)
     if args.usage:
         print(f"[{result.prompt_tokens} prompt tokens, {result.completion_tokens} completion tokens, "
               f"finish: {result.finish_reason}]", file=sys.stderr)

@@ -26,7 +26,7 @@ HELP = "commands: /image PATH (attach to the next message), /reset, /exit, /help
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="HF-native model folder")
+    parser.add_argument("--model", required=True, help="HF-native model folder or hub id")
     parser.add_argument("--image", action="append", default=[], metavar="PATH",
                         help="attach an image to the first message (repeatable)")
     parser.add_argument("--system", default=None, help="system prompt (default: the template's)")
@@ -128,22 +128,21 @@ def answer(engine, conversation: Conversation, text: str, settings, stream: bool
 
 
 def run(args: argparse.Namespace) -> int:
+    from mlcd_vl.model.sources import model_source
+
+    model_source(args.model, "--model")  # a mistyped folder is answered before torch and transformers load
+
     from transformers.utils import logging as hf_logging
 
-    from mlcd_vl.model.checkpoint import CheckpointError
     from mlcd_vl.serve.engine import Engine
-    from mlcd_vl.serve.requests import EngineError, GenerationSettings
+    from mlcd_vl.serve.requests import GenerationSettings
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    try:
-        settings = GenerationSettings(
-            max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-            repetition_penalty=args.repetition_penalty, seed=args.seed)
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    except (CheckpointError, EngineError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    settings = GenerationSettings(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=args.repetition_penalty, seed=args.seed)
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     interactive = sys.stdin.isatty()
     conversation = Conversation(system=args.system)
     for path in args.image:
@@ -183,4 +182,7 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="mlcd-vl chat", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from mlcd_vl.errors import run_reporting
+
+    _args = _parser.parse_args()
+    sys.exit(run_reporting("mlcd-vl chat", lambda: run(_args)))

@@ -30,6 +30,7 @@ from typing import Any, Iterator
 import torch
 from transformers import GenerationConfig, PreTrainedModel, PreTrainedTokenizerBase
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.model import multimodal, pixels
 from mlcd_vl.model.build import VLMSettings
 from mlcd_vl.model.templates import get_template, normalize_messages
@@ -38,6 +39,23 @@ from mlcd_vl.serve.requests import (EngineError, GenerationSettings, ImageSource
                                     flatten_messages, load_image_source)
 from mlcd_vl.serve.stops import find_stop, first_prefix_with_stop
 from mlcd_vl.vocab import expand_image_tokens
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """`device` checked against this machine (a CUDA device needs a visible GPU); None: cuda when there, else cpu."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        chosen = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise UsageError(f"--device {device}: not a device (cpu, cuda, cuda:1, ...)") from None
+    if chosen.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError(f"--device {device}: torch sees no CUDA GPU on this machine (use --device cpu, or "
+                             "leave --device out)")
+        if chosen.index is not None and chosen.index >= torch.cuda.device_count():
+            raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    return chosen
 
 
 class Engine:
@@ -60,11 +78,10 @@ class Engine:
     @classmethod
     def from_pretrained(cls, folder: str | Path, device: str | torch.device | None = None,
                         dtype: torch.dtype | str | None = None, attn_implementation: str | None = None) -> "Engine":
-        """Load an HF-native folder; bf16 on CUDA and float32 on CPU unless `dtype` says otherwise."""
+        """Load an HF-native folder (or hub id); bf16 on CUDA and float32 on CPU unless `dtype` says otherwise."""
         from mlcd_vl.model.checkpoint import load_vlm
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
+        device = resolve_device(device)
         model, tokenizer, settings = load_vlm(folder, dtype=dtype, device=device,
                                               attn_implementation=attn_implementation)
         return cls(model, tokenizer, settings)

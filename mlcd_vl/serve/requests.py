@@ -14,13 +14,14 @@ from dataclasses import dataclass, field
 
 from PIL import Image
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 from mlcd_vl.model import multimodal, pixels
 
 ImageSource = Image.Image | str | os.PathLike | bytes
 
 
-class EngineError(ValueError):
+class EngineError(UsageError, ValueError):
     """A request the engine cannot serve; the message says which part is wrong."""
 
 

@@ -30,7 +30,7 @@ class WebDefaults:
 
 
 def configure_parser(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--model", required=True, type=Path, help="HF-native model folder")
+    parser.add_argument("--model", required=True, help="HF-native model folder or hub id")
     parser.add_argument("--host", default="127.0.0.1", help="address to bind (default loopback only)")
     parser.add_argument("--port", type=int, default=7860)
     parser.add_argument("--title", default=None, help="page title (default: the model folder's name)")
@@ -145,26 +145,32 @@ def build_demo(engine, title: str, defaults: WebDefaults | None = None):
 def run(args: argparse.Namespace) -> int:
     import os
 
+    from mlcd_vl.errors import UserError
+    from mlcd_vl.model.sources import model_source
+    from mlcd_vl.serve.ports import bind
+
+    # a mistyped folder and a busy port are answered before torch, transformers and the model load (in our words:
+    # Gradio's own message names GRADIO_SERVER_PORT)
+    model_source(args.model, "--model")
+    bind(args.host, args.port).close()
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
     from transformers.utils import logging as hf_logging
 
-    from mlcd_vl.model.checkpoint import CheckpointError
     from mlcd_vl.serve.engine import Engine
 
     hf_logging.disable_progress_bar()
     hf_logging.set_verbosity_error()
-    try:
-        engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
-    except (CheckpointError, OSError) as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    engine = Engine.from_pretrained(args.model, device=args.device, dtype=args.dtype)
     defaults = WebDefaults(args.temperature, args.top_p, args.max_new_tokens)
     demo = build_demo(engine, args.title or f"MLCD-VL: {Path(args.model).resolve().name}", defaults)
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"warning: binding {args.host}; the demo has no authentication", file=sys.stderr)
-    demo.queue(default_concurrency_limit=1).launch(
-        server_name=args.host, server_port=args.port, share=False, inbrowser=False,
-        allowed_paths=[str(DEMO_IMAGE.parent)])
+    try:
+        demo.queue(default_concurrency_limit=1).launch(
+            server_name=args.host, server_port=args.port, share=False, inbrowser=False,
+            allowed_paths=[str(DEMO_IMAGE.parent)])
+    except OSError as error:  # taken since the check: Gradio's message names GRADIO_SERVER_PORT, ours --port
+        raise UserError(f"cannot serve on {args.host}:{args.port}: {error} (choose another --port)") from error
     return 0
 
 
@@ -172,4 +178,7 @@ if __name__ == "__main__":
     _parser = argparse.ArgumentParser(prog="mlcd-vl web", description=__doc__,
                                       formatter_class=argparse.RawDescriptionHelpFormatter)
     configure_parser(_parser)
-    sys.exit(run(_parser.parse_args()))
+    from mlcd_vl.errors import run_reporting
+
+    _args = _parser.parse_args()
+    sys.exit(run_reporting("mlcd-vl web", lambda: run(_args)))

@@ -3,9 +3,11 @@
 import argparse
 import sys
 
+from mlcd_vl.errors import run_reporting
 from mlcd_vl.train.run import configure_parser, run
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(prog="python -m mlcd_vl.train", description=__doc__)
     configure_parser(parser)
-    sys.exit(run(parser.parse_args()))
+    args = parser.parse_args()
+    sys.exit(run_reporting("mlcd-vl train", lambda: run(args)))

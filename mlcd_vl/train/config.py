@@ -35,6 +35,7 @@ from typing import Any, Sequence
 import yaml
 
 from mlcd_vl.data.config import DataConfig
+from mlcd_vl.errors import UsageError
 
 RESOLVED_CONFIG_FILE = "train_config.yaml"
 TUNABLE_PARTS = ("mm_mlp_adapter", "mm_vision_tower", "mm_language_model")
@@ -45,7 +46,7 @@ UPSTREAM_STEP_OVERRIDES = ("optim.loss_normalisation=upstream", "data.label_mode
                            "optim.no_decay_rule=upstream", "data.upstream_image_convert=true")
 
 
-class ConfigError(ValueError):
+class ConfigError(UsageError, ValueError):
     """A recipe or override that does not fit the config; the message names the dotted key."""
 
 

@@ -2,10 +2,11 @@
 
     python -m mlcd_vl.train.launch RECIPE --world-size N [section.key=value ...]
 
-prints the resolved recipe's batch arithmetic for N processes (per device x processes x accumulation) and fails,
-with the config's own message, when the recipe or an override does not load or `batch.global_batch_size` does
-not fit, so a bad launch stops before torchrun starts N processes. The scripts pass `--quiet`: the run itself
-prints the batch once it starts, so the console shows it once per stage.
+prints the resolved recipe's batch arithmetic for N processes (per device x processes x accumulation) and fails in
+one line, with the config's own message, when the recipe or an override does not load, `batch.global_batch_size`
+does not fit, or an input is missing (`inputs.check_inputs`: data files, model folders), so a bad launch stops
+before torchrun starts N processes. The scripts pass `--quiet`: the run itself prints the batch once it starts, so
+the console shows it once per stage.
 """
 
 from __future__ import annotations
@@ -13,10 +14,10 @@ from __future__ import annotations
 import argparse
 import sys
 
+from mlcd_vl.errors import run_reporting
+
 
 def main(argv: list[str] | None = None) -> int:
-    from mlcd_vl.train.config import ConfigError, load_config
-
     parser = argparse.ArgumentParser(prog="python -m mlcd_vl.train.launch", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("recipe")
@@ -24,12 +25,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("overrides", nargs="*", metavar="KEY=VALUE")
     parser.add_argument("--quiet", action="store_true", help="check only; print nothing when the launch is fine")
     args = parser.parse_intermixed_args(argv)
-    try:
-        config = load_config(args.recipe, args.overrides)
-        config.batch.check(args.world_size)
-    except ConfigError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
+    return run_reporting("mlcd-vl train", lambda: _check(args))
+
+
+def _check(args: argparse.Namespace) -> int:
+    from mlcd_vl.train.config import load_config
+    from mlcd_vl.train.inputs import check_inputs
+
+    config = load_config(args.recipe, args.overrides)
+    config.batch.check(args.world_size)
+    check_inputs(config)
     if not args.quiet:
         print(f"effective {config.batch.describe(args.world_size)}"
               + (f"; deepspeed {config.deepspeed}" if config.deepspeed else "") + f"; output {config.output_dir}")

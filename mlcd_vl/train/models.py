@@ -16,8 +16,8 @@ import torch
 from mlcd_vl.model.build import VLMSpec, build_vlm
 from mlcd_vl.train import optim
 from mlcd_vl.train.config import TrainConfig
+from mlcd_vl.train.inputs import TINY
 
-TINY = "tiny"
 TINY_DIR_ENV = "MLCD_VL_TINY_DIR"  # where `tiny` assets are written (default: <output_dir>/tiny-assets)
 
 

@@ -33,6 +33,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.model.upstream_format import PROJECTOR_FILE as UPSTREAM_PROJECTOR_FILE
 from mlcd_vl.model.upstream_format import hf_to_upstream_key, upstream_to_hf_key
 from mlcd_vl.train.config import TUNABLE_PARTS, OptimConfig
@@ -45,7 +46,7 @@ PROJECTOR_PREFIX = "model.multi_modal_projector."
 PROJECTOR_KEYS = ("linear_1.weight", "linear_1.bias", "linear_2.weight", "linear_2.bias")
 
 
-class ProjectorError(ValueError):
+class ProjectorError(UsageError, ValueError):
     """A projector artifact that cannot be read or does not fit the model; the message names the file and key."""
 
 

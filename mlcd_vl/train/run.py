@@ -2,7 +2,8 @@
 
 One linear recipe for both stages (upstream's `train()`), read top to bottom:
 
-1. config: recipe YAML + dotted overrides -> `TrainConfig`, written back as `<output_dir>/train_config.yaml`;
+1. config: recipe YAML + dotted overrides -> `TrainConfig`, its inputs checked (`inputs`: data files, model sources),
+   written back as `<output_dir>/train_config.yaml`;
 2. model: `build_vlm` from the LLM and the tower (stage 1: square + flat, a `LlavaForConditionalGeneration`;
    stage 2: anyres + spatial_unpad, a `LlavaNextForConditionalGeneration`), the stage-1 projector loaded when
    `model.init_from` names one; `tiny` as LLM or tower means the locally written tiny preset;
@@ -32,12 +33,13 @@ import argparse
 import json
 import logging
 import math
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger("mlcd_vl.train")
 PROBLEMS_FILE, METRICS_FILE, LOSS_CURVE_FILE, LENGTHS_FILE = ("data_problems.json", "metrics.jsonl",
@@ -52,16 +54,11 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlcd_vl.data.order_file import OrderFileError
-    from mlcd_vl.train.config import ConfigError, load_config
+    from mlcd_vl.train.config import load_config
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("accelerate").setLevel(logging.WARNING)
-    try:
-        result = train(load_config(args.recipe, args.overrides))
-    except (ConfigError, OrderFileError) as error:
-        print(f"mlcd-vl train: error: {error}", file=sys.stderr)
-        return 2
+    result = train(load_config(args.recipe, args.overrides))
     if result.history:  # the main process
         print(f"done: {result.output_dir} after {result.steps} optimizer step(s)")
     return 0
@@ -80,6 +77,7 @@ class TrainResult:
 
 def _accelerator(config, model):
     """accelerate's Accelerator for this recipe (DeepSpeed when the recipe names a config)."""
+    import torch
     from accelerate import Accelerator, PartialState
     from accelerate.utils import DeepSpeedPlugin
 
@@ -102,6 +100,7 @@ def _accelerator(config, model):
 
 def train(config) -> TrainResult:
     """Run the recipe `config` (a validated `TrainConfig`) to its final save."""
+    import torch
     from accelerate import PartialState
     from accelerate.utils import set_seed
     from tqdm.auto import tqdm
@@ -113,9 +112,11 @@ def train(config) -> TrainResult:
     from mlcd_vl.train import checkpointing, loader, lora, metrics, models, optim, zero
     from mlcd_vl.train.config import save_resolved
     from mlcd_vl.train.head_loss import HeadLossSettings
+    from mlcd_vl.train.inputs import check_inputs
     from mlcd_vl.train.step import TrainingForward, optimizer_step
 
     # 1. Config ---------------------------------------------------------------------------------------------------
+    check_inputs(config)  # a missing data file or model folder stops here, before anything is built or written
     if config.deepspeed:
         zero.single_process_launch_env()  # DeepSpeed needs a process group, even for one process
     else:
