@@ -22,6 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "ask": ("mlcd_vl.serve.ask", "answer one question about one or more images"),
     "data": ("mlcd_vl.data.check", "check a training dataset, or pin it with a manifest (data check / manifest)"),
     "train": ("mlcd_vl.train.run", "train a VLM from a recipe (stage 1 projector, stage 2 full)"),
+    "plan": ("mlcd_vl.plan.command", "GPU / host memory, steps and time a recipe needs, before it runs"),
     "eval": ("mlcd_vl.eval.cli", "evaluate with lmms-eval: summarize results, synthetic sets, offline tasks"),
     "chat": ("mlcd_vl.serve.cli_chat", "multi-turn terminal chat with images and streaming"),
     "web": ("mlcd_vl.serve.web", "the Gradio web demo"),
