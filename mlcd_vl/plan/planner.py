@@ -255,8 +255,8 @@ def assumptions(request: PlanRequest, no_table: bool) -> list[str]:
              f"wall time at {100 * request.mfu:g}% MFU of {request.gpu} dense bf16 peak, training's FLOPs "
              "definition (6 x parameters x tokens)"]
     if no_table:
-        notes.append("no length table: micro-batches of data.max_length tokens (--lengths output_dir/lengths.npz "
-                     "for the real ones)")
+        notes.append("no length table: every row is data.max_length tokens long, a bound far above typical data; "
+                     "give --lengths OUTPUT_DIR/lengths.npz (written by `mlcd-vl train`) for the real micro-batches")
     return notes
 
 
@@ -300,7 +300,8 @@ def suggestions(config, plan: dict, shape, micro, rates: dict, mask: float, budg
         rows_fit = fitting // width
         if rows_fit >= 1:
             accum = math.ceil(config.batch.per_device_batch_size * config.batch.grad_accum / rows_fit)
-            out.append(f"batch.per_device_batch_size={rows_fit} batch.grad_accum={accum} (same global batch)")
+            out.append(f"batch.per_device_batch_size={rows_fit} batch.grad_accum={accum} (same global batch; "
+                       "with the other settings unchanged)")
         else:
             out.append(f"one row of {width} tokens does not fit: data.max_length<={fitting} (longer records are "
                        "truncated) or data.packing=true with a smaller data.token_budget, or the settings above")

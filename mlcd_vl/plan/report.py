@@ -11,12 +11,13 @@ def gib(value: float) -> str:
     return f"{value / GIB:,.1f}"
 
 
-def table(header: list[str], rows: list[list[str]], align_first_left: bool = True) -> list[str]:
+def table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> list[str]:
+    """Columns padded to their widest cell; the `left` ones left-aligned (text), the others right (numbers)."""
     widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
 
     def line(cells):
-        return "  ".join((str(c).ljust(w) if i == 0 and align_first_left else str(c).rjust(w))
-                         for i, (c, w) in enumerate(zip(cells, widths)))
+        return "  ".join((str(c).ljust(w) if i in left else str(c).rjust(w))
+                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
 
     return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
 
@@ -71,7 +72,8 @@ def render(plan: dict) -> str:
     host = own["host_per_node"]
     out.append(f"host memory per node ({own['scenario']}): start-up {gib(host['startup'])} GiB, training "
                f"{gib(host['steady'])} GiB, node 0 at the final save {gib(host['final_save'])} GiB")
-    out += table(["term", "GiB", "what"], [[t["name"], gib(t["bytes"]), t["note"]] for t in host["terms"]])
+    out += table(["term", "GiB", "what"], [[t["name"], gib(t["bytes"]), t["note"]] for t in host["terms"]],
+                 left=(0, 2))
     out.append("")
 
     run = plan["run"]
