@@ -128,11 +128,69 @@ def validate(root: Path, models: list[str], configs: list[str], worlds: list[int
     return cases
 
 
+def saved_bytes(run, exclude: set[int]) -> int:
+    """Bytes of the distinct storages autograd saves for backward while `run()` executes (parameters excluded)."""
+    import torch
+
+    seen: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        run()
+    return sum(seen.values())
+
+
+def activation_check(root: Path, positions: int = 512, crops: int = 4) -> list[dict]:
+    """The plan's activation rates against the bytes autograd saves in a forward pass of the ~85M model (stage 2,
+    every part trains, no checkpointing), fp32 and bf16, LLM and tower + projector separately. (With
+    checkpointing the forward keeps only each layer's input; the plan adds one layer recomputed in backward.)"""
+    import torch
+
+    from mlcd_vl.model.multimodal import encode_crops
+    from mlcd_vl.model.tiny import write_tiny_assets
+    from mlcd_vl.plan import memory
+    from mlcd_vl.plan.model_size import model_shape
+    from mlcd_vl.train import loop, optim
+    from mlcd_vl.train.config import load_config
+
+    paths = write_tiny_assets(root / "medium", shapes=medium_shapes())
+    config = load_config(RECIPE, ["model.init_from=null", f"output_dir={root / 'activations'}",
+                                  f"model.llm={paths['llm']}", f"model.tower={paths['tower']}",
+                                  "gradient_checkpointing=false"])
+    shape, settings = model_shape(config)
+    rows = []
+    for dtype, e in ((torch.float32, 4), (torch.bfloat16, 2)):
+        torch.manual_seed(0)
+        model = loop.build_model(config)[0]
+        optim.apply_tunable_parts(model, config.tunable_parts)
+        optim.freeze_unreached(model)
+        model.to(dtype).train()
+        weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        ids = torch.randint(0, 500, (1, positions))
+        pixels = torch.randn(crops, 3, settings.crop_size, settings.crop_size, dtype=dtype)
+        llm = saved_bytes(lambda: model.model.language_model(input_ids=ids), weights)
+        tower = saved_bytes(lambda: encode_crops(model, pixels), weights)
+        rates = memory.activation_rates(shape.llm, shape.tower, shape.projector_in, shape.projector_out, e,
+                                        llm_trainable=True, tower_trainable=True, projector_trainable=True,
+                                        checkpointing=False)
+        rows.append({"dtype": str(dtype).removeprefix("torch."), "positions": positions, "crops": crops,
+                     "llm": {"measured": llm, "predicted": rates.per_position * positions},
+                     "tower": {"measured": tower, "predicted": rates.per_crop * crops},
+                     "tower_layers": {"run": model.config.vision_config.num_hidden_layers,
+                                      "reaching_projector": shape.tower.layers_used}})
+    return rows
+
+
 def mib(value: float) -> str:
     return f"{value / 2**20:,.2f}"
 
 
-def report(cases: list[dict], command: str, load_before: str) -> list[str]:
+def report(cases: list[dict], command: str, load_before: str, activations: list[dict]) -> list[str]:
     ok = all(row["within"] for case in cases for row in case["ranks"])
     lines = common.header("plan validation", command, load_before, [
         f"recipe: {RECIPE.relative_to(REPO)} (fp32 on CPU, every part trains), one optimizer step, torchrun + gloo",
@@ -148,8 +206,10 @@ def report(cases: list[dict], command: str, load_before: str) -> list[str]:
                 cell = row[term]
                 lines.append(f"| {label} | {case['config']} | {case['world']} | {row['rank']} | {term} | "
                              f"{mib(cell['measured'])} | {mib(cell['predicted'])} | {cell['ratio']:.3f} |")
-    lines += ["", "Not validated, for reference (MiB; measured on rank 0): reduction buckets / gathered working set, "
-              "and every live tensor storage of the process before and after the step (model, data, buffers).", "",
+    lines += ["", "Not validated, for reference (MiB; measured on rank 0 at the step): reduction buckets / gathered "
+              "working set (ZeRO-2 allocates its bucket for backward and frees it before the step; the plan's ZeRO-3 "
+              "figure is the most `stage3_max_live_parameters` allows), and every live tensor storage of the process "
+              "before and after the step (model, data, buffers).", "",
               "| model | DeepSpeed | ranks | buffers measured | buffers plan | all live tensors before / after |",
               "|---|---|---|---|---|---|"]
     for case in cases:
@@ -157,6 +217,20 @@ def report(cases: list[dict], command: str, load_before: str) -> list[str]:
         live = row["all live tensors"]
         lines.append(f"| {case['model']} | {case['config']} | {case['world']} | {mib(row['buffers']['measured'])} | "
                      f"{mib(row['buffers']['predicted'])} | {mib(live['before step'])} / {mib(live['after step'])} |")
+    if activations:
+        layers = activations[0]["tower_layers"]
+        lines += ["", "Activations (reported, no target): bytes autograd saves in one forward of the ~85M model, "
+                  "every part training, no checkpointing, against the plan's per-position and per-crop rates. The "
+                  f"tower's forward runs all {layers['run']} layers; only {layers['reaching_projector']} reach the "
+                  "projector, and the plan counts those (the last layer's saved tensors are freed when the tower "
+                  "returns, before the LLM runs).", "",
+                  "| dtype | part | measured MiB | plan MiB | plan / measured |", "|---|---|---|---|---|"]
+        for row in activations:
+            for part, label in (("llm", f"LLM, {row['positions']} positions"), ("tower", f"tower + projector, "
+                                                                                       f"{row['crops']} crops")):
+                cell = row[part]
+                lines.append(f"| {row['dtype']} | {label} | {mib(cell['measured'])} | {mib(cell['predicted'])} | "
+                             f"{cell['predicted'] / cell['measured']:.3f} |")
     return lines
 
 
@@ -170,9 +244,11 @@ def main(argv: list[str] | None = None) -> int:
     worlds = [2] if args.quick else [1, 2]
     with tempfile.TemporaryDirectory(prefix="plan_validation_") as folder:
         cases = validate(Path(folder), models, ["zero2.json", "zero3.json"], worlds)
+        activations = [] if args.quick else activation_check(Path(folder))
     path = common.result_path(args.out, "plan_validation")
-    common.write_result(path, report(cases, common.command_line("plan_validation.py", argv), load_before))
-    path.with_suffix(".json").write_text(json.dumps(cases, indent=2))
+    common.write_result(path, report(cases, common.command_line("plan_validation.py", argv), load_before,
+                                     activations))
+    path.with_suffix(".json").write_text(json.dumps({"cases": cases, "activations": activations}, indent=2))
     return 0 if all(row["within"] for case in cases for row in case["ranks"]) else 1
 
 

@@ -200,3 +200,13 @@ def test_plan_matches_what_two_zero_ranks_hold(config, tmp_path):
     for rank in case["ranks"]:
         for term in (*plan_validation.TERMS, "sum"):
             assert rank[term]["ratio"] == pytest.approx(1.0, abs=plan_validation.TOLERANCE), (rank["rank"], term)
+
+
+def test_recipe_plans_bench_writes_its_result(tmp_path):
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "plan_recipes.py"), "--out", str(tmp_path)],
+                          capture_output=True, text=True, cwd=REPO, check=False,
+                          env={"PYTHONPATH": str(REPO), "PATH": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-2000:]
+    (result,) = tmp_path.glob("plan_recipes_*.md")
+    text = result.read_text()
+    assert text.count("per GPU, GiB") == 4 and "load average" in text

@@ -48,23 +48,21 @@ TOWER_CONFIGS: dict[str, dict] = {
 DATASET_SAMPLES = {"lcs-558k": 558_128, "llava-next-780k": 779_289}
 
 
-def llm_config(hub_id: str):
-    """A transformers config for a preset LLM hub id, else None."""
-    fields = LLM_CONFIGS.get(hub_id)
+def _config(table: dict[str, dict], hub_id: str):
+    fields = table.get(hub_id)
     if fields is None:
         return None
     from transformers import AutoConfig
 
     fields = dict(fields)
     return AutoConfig.for_model(fields.pop("model_type"), **fields)
+
+
+def llm_config(hub_id: str):
+    """A transformers config for a preset LLM hub id, else None."""
+    return _config(LLM_CONFIGS, hub_id)
 
 
 def tower_config(hub_id: str):
     """A transformers vision config for a preset tower hub id, else None."""
-    fields = TOWER_CONFIGS.get(hub_id)
-    if fields is None:
-        return None
-    from transformers import AutoConfig
-
-    fields = dict(fields)
-    return AutoConfig.for_model(fields.pop("model_type"), **fields)
+    return _config(TOWER_CONFIGS, hub_id)

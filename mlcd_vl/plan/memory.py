@@ -28,7 +28,7 @@ weights are frozen (autograd saves an input only when the other operand needs it
     Qwen2 layer:  always 2 x 4h (RMSNorm's fp32 upcast) + e(2h + 2kv) (SDPA q, k, v, out) + 3e i (SiLU gate)
                   trainable + e(5h + i) (norm outputs, the inputs of q/k/v, o, gate/up and down projections)
     tower layer:  always e(6h) (LayerNorm inputs, SDPA q, k, v, out) + e i (GELU input)
-                  trainable + e(3h + i)
+                  trainable + e(3h + i), + 16h for MLCD (its 2D RoPE saves q, k and their rotations in fp32)
     eager attention: + (4 + e) heads x row length (softmax probabilities, fp32 and cast)
 
 With gradient checkpointing (every layer, non-reentrant) a layer keeps only its input (e h) and one layer is
@@ -51,6 +51,7 @@ from dataclasses import dataclass, field
 GIB = 1024**3
 LOSS_BYTES_PER_LOGIT = 11.8  # issue 14, measured on CPU in fp32 and bf16 alike (unchunked loss)
 NORM_UPCAST_BYTES = 4  # Qwen2RMSNorm computes in fp32 whatever the activation dtype
+ROPE_FP32_SAVED = 4  # MLCD's rotary embedding: q, k, rotate_half(q), rotate_half(k) in fp32
 # The model built whole in fp32 on every rank before DeepSpeed partitions it (issue 14, measured on CPU with a
 # 188M model, 1 and 2 processes). Sharded initialisation (issue 14, item 1) replaces this term.
 HOST_BUILD_BYTES_PER_PARAM_RESIDENT = 4.1
@@ -245,11 +246,14 @@ def llm_layer_bytes(hidden: int, kv_dim: int, intermediate: int, e: int, *, trai
     return float(saved)
 
 
-def tower_layer_bytes(hidden: int, intermediate: int, e: int, *, trainable: bool) -> float:
-    """Bytes one MLCD / CLIP encoder layer saves per token for backward."""
+def tower_layer_bytes(hidden: int, intermediate: int, e: int, *, trainable: bool, rotary: bool = False) -> float:
+    """Bytes one MLCD / CLIP encoder layer saves per token for backward.
+
+    MLCD's 2D RoPE runs in fp32 with cos / sin that carry the trainable `class_pos_emb`, so a training tower also
+    saves q, k and their rotations in fp32 (`ROPE_FP32_SAVED` x 4 bytes x hidden, measured by saved-tensor hooks)."""
     saved = 6 * e * hidden + e * intermediate
     if trainable:
-        saved += e * (3 * hidden + intermediate)
+        saved += e * (3 * hidden + intermediate) + (ROPE_FP32_SAVED * 4 * hidden if rotary else 0)
     return float(saved)
 
 
@@ -278,7 +282,7 @@ def activation_rates(llm, tower, projector_in: int, projector_out: int, e: int, 
     per_position = stack_bytes(layer, llm.layers, llm.hidden, e, checkpointing) + final_norm
     per_crop = 0.0
     if tower_trainable:
-        tower_layer = tower_layer_bytes(tower.hidden, tower.intermediate, e, trainable=True)
+        tower_layer = tower_layer_bytes(tower.hidden, tower.intermediate, e, trainable=True, rotary=tower.rotary)
         per_crop = tower.tokens_per_crop * stack_bytes(tower_layer, tower.layers_used, tower.hidden, e,
                                                        checkpointing)
     # The projector runs on every crop's patch features: its GELU input always, the inputs of both linears when

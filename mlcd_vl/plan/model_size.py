@@ -51,6 +51,7 @@ class TowerShape:
     tokens_per_crop: int  # patches + CLS
     crop_size: int
     patch_size: int
+    rotary: bool = False  # MLCD's 2D RoPE (fp32, with a trainable class position embedding)
 
 
 @dataclass(frozen=True)
@@ -221,7 +222,8 @@ def measure(model, settings, optim_config) -> ModelShape:
         tower=TowerShape(hidden=vision.hidden_size, intermediate=vision.intermediate_size, layers_used=layers_used,
                          heads=vision.num_attention_heads,
                          tokens_per_crop=(settings.crop_size // settings.patch_size) ** 2 + cls_token,
-                         crop_size=settings.crop_size, patch_size=settings.patch_size),
+                         crop_size=settings.crop_size, patch_size=settings.patch_size,
+                         rotary=vision.model_type == "mlcd_vision_model"),
         projector_in=projector.linear_1.in_features, projector_out=projector.linear_2.out_features,
         model_class=type(model).__name__, param_numels=numels,
         optimizer_groups=groups, largest_module=largest)

@@ -274,6 +274,12 @@ def suggestions(config, plan: dict, shape, micro, rates: dict, mask: float, budg
     else:
         out.append(f"does not fit: {own['gpu_total'] / gib:.1f} GiB per GPU with {own['scenario']} "
                    f"(budget {budget / gib:.0f} GiB)")
+    host = own["host_per_node"]
+    build = host["terms"][0]["bytes"]
+    verdict = "" if own["host_fits"] is None else (" (fits)" if own["host_fits"] else " (does NOT fit)")
+    out.append(f"host: {host['peak'] / gib:.0f} GiB per node at the peak{verdict}, {build / gib:.0f} GiB of it the "
+               "model built per rank" + ("" if "sharded" in host["terms"][0]["note"] else
+                                         " (--sharded-init: what ZeRO-3 sharded initialisation would need)"))
     base = own["gpu_total"] - own["gpu"]["activations"]
     if not config.gradient_checkpointing:
         with_gc = base + activation_bytes(rates[True], micro.positions, micro.crops, mask)
