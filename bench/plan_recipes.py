@@ -14,11 +14,8 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common  # bench/ is on sys.path: the script's own folder
 
 RECIPES = ("configs/recipes/mlcd_bigG448_stage2.yaml", "configs/recipes/mlcd_bigG448_stage1.yaml")
 

@@ -25,9 +25,7 @@ import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
-import common  # noqa: E402
+import common  # bench/ is on sys.path: the script's own folder
 
 REPO = common.REPO
 RECIPE = REPO / "configs" / "recipes" / "tiny_stage2.yaml"
@@ -155,7 +153,7 @@ def activation_check(root: Path, positions: int = 512, crops: int = 4) -> list[d
     from mlcd_vl.model.tiny import write_tiny_assets
     from mlcd_vl.plan import memory
     from mlcd_vl.plan.model_size import model_shape
-    from mlcd_vl.train import loop, optim
+    from mlcd_vl.train import models, optim
     from mlcd_vl.train.config import load_config
 
     paths = write_tiny_assets(root / "medium", shapes=medium_shapes())
@@ -166,7 +164,7 @@ def activation_check(root: Path, positions: int = 512, crops: int = 4) -> list[d
     rows = []
     for dtype, e in ((torch.float32, 4), (torch.bfloat16, 2)):
         torch.manual_seed(0)
-        model = loop.build_model(config)[0]
+        model = models.build_model(config)[0]
         optim.apply_tunable_parts(model, config.tunable_parts)
         optim.freeze_unreached(model)
         model.to(dtype).train()

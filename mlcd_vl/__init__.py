@@ -14,6 +14,8 @@ The house, floor by floor; a module imports only from its own floor or the floor
     3  data/                    records -> samples -> batches (`data.config.DataConfig` owns its settings)
     4  train/  serve/  eval/    the recipe (`train.run`); the engine with its one decode loop and the servers; the
                                 lmms-eval adapter (eval sits on serve's engine)
+       plan/                    `mlcd-vl plan`: a recipe's memory, steps and time before it runs (plan sits on
+                                train's config, optimizer groups, sampler and DeepSpeed JSON)
     5  demo/                    the CPU demo wing (`mlcd-vl demo`)
     6  cli.py                   `mlcd-vl`, the one entry point; nothing imports it
 """

@@ -8,8 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlcd_vl"
 FLOORS = {"vocab": 0, "console": 0, "errors": 0, "presets": 1, "assets": 1, "model": 2, "data": 3, "train": 4,
-          "serve": 4, "eval": 4, "demo": 5, "cli": 6}
-SIBLINGS = {("eval", "serve")}  # (importer, imported) on one floor: the lmms-eval adapter runs the serving engine
+          "serve": 4, "eval": 4, "plan": 4, "demo": 5, "cli": 6}
+# (importer, imported) on one floor: the lmms-eval adapter runs the serving engine; the planner reads the recipe,
+# the optimizer groups, the sampler and the DeepSpeed JSON as training makes them.
+SIBLINGS = {("eval", "serve"), ("plan", "train")}
 
 
 def module_names() -> dict[str, Path]:

@@ -20,8 +20,11 @@ STAGE2 = str(RECIPES / "mlcd_bigG448_stage2.yaml")
 
 
 @pytest.fixture(autouse=True)
-def tiny_dir(tmp_path_factory, monkeypatch):
-    monkeypatch.setenv("MLCD_VL_TINY_DIR", str(tmp_path_factory.getbasetemp() / "tiny"))
+def tiny_dir(tiny_assets, monkeypatch):
+    """Training and the plan find the `tiny` preset in the session's tiny assets (conftest)."""
+    from mlcd_vl.train.models import TINY_DIR_ENV
+
+    monkeypatch.setenv(TINY_DIR_ENV, str(tiny_assets["llm"].parent))
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
 
 
@@ -35,10 +38,10 @@ def config_for(recipe: str, *overrides: str):
                                                ("tiny_stage2.yaml", ("lora.enabled=true",))])
 def test_meta_counts_equal_what_training_trains(recipe, overrides, tmp_path):
     from mlcd_vl.plan.model_size import model_shape
-    from mlcd_vl.train import lora, loop, optim
+    from mlcd_vl.train import lora, models, optim
 
     config = config_for(recipe, f"output_dir={tmp_path}", *overrides)
-    model, _, _, _ = loop.build_model(config)
+    model, _, _, _ = models.build_model(config)
     optim.apply_tunable_parts(model, config.tunable_parts)
     optim.freeze_unreached(model)
     if config.lora.enabled:
@@ -135,6 +138,16 @@ def test_largest_micro_batch_and_steps_come_from_the_length_table(tmp_path):
     packed = plan_for(config_for("tiny_stage2.yaml", "data.packing=true", "data.token_budget=1100"), gpus=1,
                       lengths=table)
     assert packed["micro_batch"]["positions"] == 1100  # first-fit-decreasing: [1000, 100], then the rest
+
+
+def test_packed_rows_count_the_block_mask_only_where_the_attention_needs_it(tmp_path):
+    table = write_lengths(tmp_path / "lengths.npz", [100] * 9 + [1000])
+    packed = ("data.packing=true", "data.token_budget=1100", "precision=bf16")
+    varlen = plan_for(config_for("tiny_stage2.yaml", *packed), gpus=1, lengths=table)
+    assert varlen["activations"]["attention_mask"] == 0  # plain SDPA runs sdpa_varlen on packed rows: no mask
+    eager = plan_for(config_for("tiny_stage2.yaml", *packed, "model.attn_implementation=eager"), gpus=1,
+                     lengths=table)
+    assert eager["activations"]["attention_mask"] == (4 + 2) * 1100**2  # float32 from the collator + bf16 copy
 
 
 def test_without_a_table_rows_are_data_max_length():

@@ -88,11 +88,14 @@ class ShardedBatchSampler:
     def global_batches(self, generator: torch.Generator) -> list[list[int]]:
         raise NotImplementedError
 
+    def epoch_batches(self) -> list[list[int]]:
+        """The global plan of the current epoch: every rank's batches, before the round-robin share."""
+        return self.global_batches(torch.Generator().manual_seed(self.seed * 100_003 + self.epoch))
+
     def rank_batches(self) -> list[list[int]]:
         if self._plan is not None and self._plan[0] == self.epoch:
             return self._plan[1]
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        batches = self.global_batches(generator)
+        batches = self.epoch_batches()
         extra = len(batches) % self.world_size
         if extra and self.drop_last:
             batches = batches[:len(batches) - extra]

@@ -106,7 +106,7 @@ class Sharding:
 
     @classmethod
     def from_deepspeed(cls, ds: dict | None) -> Sharding:
-        """From a DeepSpeed config with its "auto" values filled (`train.loop.deepspeed_config`); None: DDP."""
+        """From a DeepSpeed config with its "auto" values filled (`train.zero.deepspeed_config`); None: DDP."""
         if not ds:
             return cls(stage=0)
         zero = ds.get("zero_optimization", {})

@@ -87,25 +87,14 @@ class ModelShape:
                 "largest_module_parameters": self.largest_module}
 
 
-def _tiny_root(config) -> str:
-    from mlcd_vl.train.loop import TINY_DIR_ENV
-
-    return os.environ.get(TINY_DIR_ENV) or os.path.join(tempfile.gettempdir(), "mlcd_vl_tiny")
-
-
 def _resolve(config) -> tuple[str, str]:
-    """(llm, tower) as hub ids or folders; `tiny` is written (once) where training would find it."""
+    """(llm, tower) as hub ids or folders; `tiny` is written (once) where training would find it with
+    `$MLCD_VL_TINY_DIR` set, else in the temporary folder (a plan writes nothing into the run's output folder)."""
     from mlcd_vl import presets
-    from mlcd_vl.train.loop import TINY
+    from mlcd_vl.train.models import resolve_sources
 
-    llm, tower = presets.resolve_llm(config.model.llm), presets.resolve_tower(config.model.tower)
-    if TINY in (llm, tower):
-        from mlcd_vl.model.tiny import write_tiny_assets
-
-        paths = write_tiny_assets(_tiny_root(config))
-        llm = str(paths["llm"]) if llm == TINY else llm
-        tower = str(paths["tower"]) if tower == TINY else tower
-    return llm, tower
+    llm, tower = resolve_sources(config, tiny_root=os.path.join(tempfile.gettempdir(), "mlcd_vl_tiny"))
+    return presets.resolve_llm(llm), presets.resolve_tower(tower)
 
 
 def _auto_config(source: str, what: str):
@@ -126,7 +115,7 @@ def _llm_config_and_image_token(source: str):
     config = _auto_config(source, "LLM")
     from transformers import AutoTokenizer
 
-    from mlcd_vl.data.templates import IMAGE_PLACEHOLDER
+    from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 
     try:
         tokenizer = AutoTokenizer.from_pretrained(source)

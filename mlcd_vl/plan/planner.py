@@ -3,7 +3,7 @@ what to change when it does not fit. The result is one JSON-able dict (`make_pla
 
 Scenarios: DDP (no DeepSpeed), ZeRO-1, ZeRO-2, ZeRO-3 and ZeRO-3 with CPU offload, their bucket sizes from the
 configs next to the recipe's DeepSpeed file (configs/deepspeed/zero2.json for stages 1-2, zero3.json,
-zero3_offload.json) with "auto" filled as training fills it (`train.loop.deepspeed_config`); the recipe's own
+zero3_offload.json) with "auto" filled as training fills it (`train.zero.deepspeed_config`); the recipe's own
 DeepSpeed file is always one of them (marked). Every scenario uses the recipe's precision, micro-batch and gradient
 checkpointing; the suggestions try the alternatives.
 """
@@ -58,7 +58,7 @@ class PlanRequest:
 
 
 def _filled(config, path: Path, hidden: int, world: int, precision: str, stage: int | None = None) -> dict:
-    from mlcd_vl.train.loop import deepspeed_config
+    from mlcd_vl.train.zero import deepspeed_config
 
     recipe = copy.copy(config)
     recipe.deepspeed = str(path)
@@ -89,7 +89,7 @@ def scenarios(config, hidden: int, world: int, precision: str) -> list[tuple[Sha
 
 
 def _activation_setup(config, shape, micro, e: int, checkpointing: bool) -> memory.ActivationRates:
-    attention = config.model.attn_implementation
+    attention = config.text_attention  # what the LLM runs: packed rows on plain SDPA run sdpa_varlen
     eager = attention == "eager"
     gqa_expanded = eager or (not config.data.packing and micro.rows > 1 and attention in ("sdpa", "sdpa_varlen"))
     return memory.activation_rates(
@@ -100,10 +100,14 @@ def _activation_setup(config, shape, micro, e: int, checkpointing: bool) -> memo
 
 
 def mask_bytes(config, micro, e: int) -> float:
-    """The 4D attention mask of padded batches (bool for SDPA, float for eager), shared by every layer."""
-    if config.data.packing or micro.rows < 2 or config.model.attn_implementation == "flash_attention_2":
+    """The 4D attention mask shared by every layer: padded batches' (bool for SDPA, float for eager), or a packed
+    row's block-diagonal one where the attention cannot bound samples itself (`TrainConfig.packed_4d_mask`: the
+    collator's float32 mask and its copy in the compute dtype)."""
+    if config.data.packing:
+        return float((4 + e) * micro.positions**2) if config.packed_4d_mask else 0.0
+    if micro.rows < 2 or config.text_attention == "flash_attention_2":
         return 0.0
-    per_element = e if config.model.attn_implementation == "eager" else 1
+    per_element = e if config.text_attention == "eager" else 1
     return float(per_element * micro.rows * micro.row_length**2)
 
 

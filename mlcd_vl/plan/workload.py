@@ -90,15 +90,9 @@ class MicroBatch:
 
 
 def _sampler(config, lengths: Lengths, world: int):
-    from mlcd_vl.data.samplers import LengthGroupedBatchSampler, PackedBatchSampler
+    from mlcd_vl.train.loader import make_sampler
 
-    if config.data.packing:
-        return PackedBatchSampler(lengths.lengths, config.data.token_budget, world_size=world, rank=0,
-                                  seed=config.seed, drop_last=config.data.drop_last)
-    return LengthGroupedBatchSampler(lengths.lengths, lengths.has_image, config.batch.per_device_batch_size,
-                                     world_size=world, rank=0, grad_accum=config.batch.grad_accum,
-                                     group_by_modality=config.data.group_by_modality, seed=config.seed,
-                                     drop_last=config.data.drop_last)
+    return make_sampler(config, lengths.lengths, lengths.has_image, world_size=world, rank=0)
 
 
 def micro_batch_for(config, positions: int, rows: int, geometry: ImageGeometry, how: str) -> MicroBatch:
@@ -117,10 +111,7 @@ def largest_micro_batch(config, lengths: Lengths | None, geometry: ImageGeometry
         budget = config.data.token_budget
         if lengths is None:
             return micro_batch_for(config, budget, 1, geometry, f"a packed row of data.token_budget = {budget}")
-        sampler = _sampler(config, lengths, world)
-        import torch
-
-        batches = sampler.global_batches(torch.Generator().manual_seed(config.seed * 100_003))
+        batches = _sampler(config, lengths, world).epoch_batches()
         longest = max(int(lengths.lengths[b].sum()) for b in batches)
         return micro_batch_for(config, longest, 1, geometry, f"the fullest packed row of epoch 0 ({lengths.source})")
     rows = config.batch.per_device_batch_size
@@ -128,10 +119,7 @@ def largest_micro_batch(config, lengths: Lengths | None, geometry: ImageGeometry
         width = config.data.max_length
         return micro_batch_for(config, rows * width, rows, geometry,
                                f"{rows} row(s) x data.max_length {width} (no length table: an upper bound)")
-    sampler = _sampler(config, lengths, world)
-    import torch
-
-    batches = sampler.global_batches(torch.Generator().manual_seed(config.seed * 100_003))
+    batches = _sampler(config, lengths, world).epoch_batches()
     widest = max(batches, key=lambda b: len(b) * int(lengths.lengths[b].max()))
     width = int(lengths.lengths[widest].max())
     return micro_batch_for(config, len(widest) * width, len(widest), geometry,

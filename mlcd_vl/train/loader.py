@@ -59,16 +59,11 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
     if config.data.order_file:
         sampler = FixedOrderBatchSampler.from_file(config.data.order_file, dataset.records, world_size=world_size,
                                                    rank=rank, seed=config.seed, drop_last=config.data.drop_last)
-        collator = PaddingCollator.for_model(tokenizer)
-    elif config.data.packing:
-        sampler = PackedBatchSampler(table.lengths, config.data.token_budget, world_size=world_size, rank=rank,
-                                     seed=config.seed, drop_last=config.data.drop_last)
+    else:
+        sampler = make_sampler(config, table.lengths, table.has_image, world_size=world_size, rank=rank)
+    if config.data.packing:  # never with an order file (it replays padded micro-batches; DataConfig says so)
         collator = PackingCollator.for_model(tokenizer, build_4d_mask=config.packed_4d_mask)
     else:
-        sampler = LengthGroupedBatchSampler(table.lengths, table.has_image, config.batch.per_device_batch_size,
-                                            world_size=world_size, rank=rank, grad_accum=config.batch.grad_accum,
-                                            group_by_modality=config.data.group_by_modality, seed=config.seed,
-                                            drop_last=config.data.drop_last)
         collator = PaddingCollator.for_model(tokenizer)
     workers = config.data.num_workers
     # Its own generator: starting an iterator draws a base seed, which must not come from the global RNG (a run
@@ -77,6 +72,19 @@ def build_data(config: TrainConfig, tokenizer, settings: VLMSettings, *, rank: i
                                          persistent_workers=False, prefetch_factor=2 if workers else None,
                                          generator=torch.Generator().manual_seed(config.seed))
     return Data(dataset, table, sampler, loader, scan_log, start)
+
+
+def make_sampler(config: TrainConfig, lengths, has_image, *, world_size: int,
+                 rank: int) -> LengthGroupedBatchSampler | PackedBatchSampler:
+    """The recipe's batch sampler over a length table's columns: packed rows of `data.token_budget`, or
+    length-grouped padded batches (also what `mlcd-vl plan` replays to find the largest micro-batch)."""
+    if config.data.packing:
+        return PackedBatchSampler(lengths, config.data.token_budget, world_size=world_size, rank=rank,
+                                  seed=config.seed, drop_last=config.data.drop_last)
+    return LengthGroupedBatchSampler(lengths, has_image, config.batch.per_device_batch_size, world_size=world_size,
+                                     rank=rank, grad_accum=config.batch.grad_accum,
+                                     group_by_modality=config.data.group_by_modality, seed=config.seed,
+                                     drop_last=config.data.drop_last)
 
 
 def micro_batch_groups(loader, grad_accum: int):

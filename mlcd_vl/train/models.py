@@ -21,13 +21,14 @@ from mlcd_vl.train.inputs import TINY
 TINY_DIR_ENV = "MLCD_VL_TINY_DIR"  # where `tiny` assets are written (default: <output_dir>/tiny-assets)
 
 
-def resolve_sources(config: TrainConfig) -> tuple[str, str]:
-    """(llm, tower) paths or ids; `tiny` becomes the locally written tiny preset (reused when already there)."""
+def resolve_sources(config: TrainConfig, tiny_root: str | None = None) -> tuple[str, str]:
+    """(llm, tower) paths or ids; `tiny` becomes the locally written tiny preset (reused when already there), under
+    `$MLCD_VL_TINY_DIR`, else `tiny_root`, else `<output_dir>/tiny-assets`."""
     llm, tower = config.model.llm, config.model.tower
     if TINY in (llm, tower):
         from mlcd_vl.model.tiny import write_tiny_assets
 
-        root = os.environ.get(TINY_DIR_ENV) or str(Path(config.output_dir) / "tiny-assets")
+        root = os.environ.get(TINY_DIR_ENV) or tiny_root or str(Path(config.output_dir) / "tiny-assets")
         paths = write_tiny_assets(root)
         llm = str(paths["llm"]) if llm == TINY else llm
         tower = str(paths["tower"]) if tower == TINY else tower
