@@ -10,6 +10,7 @@ import json
 from test_data_common import record, write_image
 
 from mlcd_vl.data import check
+from mlcd_vl.data.dataset import LengthTable
 
 
 def _run(argv: list[str]) -> int:
@@ -63,6 +64,11 @@ def test_data_check_reports_every_planted_problem(tmp_path, capsys):
     assert report["sequence_tokens"]["max"] <= 150
     assert report["shared_ids"] == {"count": 1, "records": 2, "examples": {"good1": 2}}
     assert (out / "lengths.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    table = LengthTable.load(str(out / "lengths.npz"))  # the table `mlcd-vl plan --lengths` reads
+    assert report["length_table"] == str(out / "lengths.npz")
+    assert len(table.valid) == report["usable"] and table.lengths.max() == report["sequence_tokens"]["max"]
+    assert int(table.has_image.sum()) == len(good) - 1
+    assert int(table.supervised.sum()) == report["supervised_tokens"]["total"]
 
     console = capsys.readouterr().out
     for line in ("image_missing: 1 record(s)", f"  lost: {tmp_path / 'lost.png'}: image file not found",

@@ -142,6 +142,28 @@ def test_run_files(stage, stage1, stage2):
     assert problems["scan"]["total"] == 0 and problems["training"]["total"] == 0
 
 
+def test_data_check_writes_the_length_table_training_writes(workspace, stage2, tmp_path):
+    """`mlcd-vl data check` with the recipe's settings writes the same lengths.npz as the run (for `plan --lengths`
+    before any training)."""
+    import numpy as np
+
+    from mlcd_vl.data import check
+    from mlcd_vl.data.dataset import LENGTHS_FILE, LengthTable
+
+    config, result = stage2
+    parser = argparse.ArgumentParser()
+    check.configure_parser(parser)
+    table_path = tmp_path / "table"  # any name: written as given, no ".npz" appended
+    assert check.run(parser.parse_args([
+        "check", config.data.train, "--image-folder", config.data.image_folder, "--tiny", "--tiny-dir",
+        workspace["tiny"], "--template", config.model.template, "--max-length", str(config.data.max_length),
+        "--out", str(tmp_path / "report"), "--lengths-out", str(table_path)])) == 0
+    checked, trained = LengthTable.load(str(table_path)), LengthTable.load(str(result.output_dir / LENGTHS_FILE))
+    for column in ("lengths", "has_image", "supervised"):
+        assert np.array_equal(getattr(checked, column), getattr(trained, column)), column
+    assert len(checked.valid) == len(json.loads(Path(config.data.train).read_text()))
+
+
 def test_stage2_packed(workspace, stage1):
     out = workspace["root"] / "stage2-packed"
     config = load_config(RECIPES / "tiny_stage2.yaml", stage2_overrides(

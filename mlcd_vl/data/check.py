@@ -14,6 +14,12 @@ missing / empty / unreadable / oversized images, a wrong number of `<image>` pla
 conversations, an empty or whitespace-only answer, a conversation that ends on a question, a record repeated with
 the same id and content (the first copy is kept), truncation that would cut an image or leave nothing to learn.
 Ids shared by records whose contents differ are reported but kept (they are different samples).
+
+It also writes the length table (`lengths.npz` in `--out`, or `--lengths-out`): the same file training writes into
+its output folder, so `mlcd-vl plan RECIPE --lengths` can plan the real micro-batches before any training run.
+It matches training's table when the options match the recipe (model, `--max-length`, `--label-mode`, and `--seed`
+for random mixture subsets); records whose images fail to decode count as skipped here, while training's header
+scan would still read them.
 """
 
 from __future__ import annotations
@@ -59,7 +65,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     check.add_argument("--workers", type=int, default=0, help="worker processes (0: in this process)")
     check.add_argument("--seed", type=int, default=0, help="seed of random mixture subsets")
     check.add_argument("--out", default=os.path.join("runs", "data-check"),
-                       help="folder for report.json and lengths.png")
+                       help="folder for report.json, lengths.png and lengths.npz")
+    check.add_argument("--lengths-out", metavar="NPZ",
+                       help="where to write the length table for `mlcd-vl plan --lengths` (default: OUT/lengths.npz)")
     manifest_cli.add_common(check)
     manifest_cli.add_parser(commands)
 
@@ -80,13 +88,13 @@ def _model_inputs(args):
         tokenizer = AutoTokenizer.from_pretrained(args.model)
     else:
         from mlcd_vl.model.tiny import TinyShapes, write_tiny_assets
+        from mlcd_vl.presets import upstream_grid
 
         paths, shapes = write_tiny_assets(args.tiny_dir), TinyShapes()
         size = shapes.image_size
         settings = VLMSettings(image_mode="anyres", merge_type="spatial_unpad", crop_size=size,
                                patch_size=shapes.patch_size, llm=str(paths["llm"]), tower=str(paths["tower"]),
-                               pinpoints=[(size, 2 * size), (2 * size, size), (2 * size, 2 * size),
-                                          (3 * size, size), (size, 3 * size)])
+                               pinpoints=upstream_grid(size))
         tokenizer = load_tokenizer(str(paths["llm"]))
     if args.image_mode:
         # the pairs transformers' classes represent: square/pad + flat, anyres(_max_N) + spatial_unpad
@@ -177,7 +185,7 @@ def run(args) -> int:
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl.console import quiet_deepspeed_cpu_notice
-    from mlcd_vl.data.dataset import SupervisedDataset, scan
+    from mlcd_vl.data.dataset import LENGTHS_FILE, SupervisedDataset, scan
     from mlcd_vl.data.problems import ProblemLog
     from mlcd_vl.data.config import DataConfig
 
@@ -197,9 +205,14 @@ def run(args) -> int:
     if lengths:
         _histogram(lengths, args.max_length, out / "lengths.png")
         report["histogram"] = str(out / "lengths.png")
+    lengths_path = Path(args.lengths_out) if args.lengths_out else out / LENGTHS_FILE
+    lengths_path.parent.mkdir(parents=True, exist_ok=True)
+    table.save(str(lengths_path))
+    report["length_table"] = str(lengths_path)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     print(console_summary(report, table.skipped, args.image_folder))
     print(f"report: {out / 'report.json'}")
+    print(f"length table: {lengths_path} (for `mlcd-vl plan RECIPE --lengths {lengths_path}`)")
     return 1 if log.total or verified else 0
 
 

@@ -95,14 +95,20 @@ class SupervisedDataset(torch.utils.data.Dataset):
             return self._skip(index, problem)
 
 
+LENGTHS_FILE = "lengths.npz"  # a length table's name in a run's output folder and in `mlcd-vl data check --out`
+
+
 @dataclass
 class LengthTable:
-    """Per record: token length after <image> expansion (0 = skipped) and whether it has images."""
+    """Per record: token length after <image> expansion (0 = skipped), whether it has images and its supervised
+    tokens. Training writes one into its output folder, `mlcd-vl data check` into its report folder; `mlcd-vl plan
+    --lengths` reads it."""
 
     lengths: np.ndarray
     has_image: np.ndarray
     skipped: list[SkippedRecord] = field(default_factory=list)
     stats: list[SampleStats | None] | None = None  # kept when `scan(keep_stats=True)`
+    supervised: np.ndarray | None = None  # None in tables written before it was recorded
 
     @property
     def valid(self) -> np.ndarray:
@@ -114,14 +120,19 @@ class LengthTable:
 
     def save(self, path: str) -> None:
         skipped = json.dumps([[s.record_id, s.problem.value, s.detail] for s in self.skipped], ensure_ascii=False)
-        np.savez(path, lengths=self.lengths, has_image=self.has_image, skipped=np.array(skipped))
+        columns = {"lengths": self.lengths, "has_image": self.has_image, "skipped": np.array(skipped)}
+        if self.supervised is not None:
+            columns["supervised"] = self.supervised
+        with open(path, "wb") as file:  # a file object: np.savez would append ".npz" to any other name
+            np.savez(file, **columns)
 
     @classmethod
     def load(cls, path: str) -> "LengthTable":
         data = np.load(path)
         skipped = [SkippedRecord(record_id, Problem(problem), detail)
                    for record_id, problem, detail in json.loads(str(data["skipped"]))] if "skipped" in data else []
-        return cls(data["lengths"], data["has_image"], skipped)
+        return cls(data["lengths"], data["has_image"], skipped,
+                   supervised=data["supervised"] if "supervised" in data.files else None)
 
 
 def repeated_records(dataset: SupervisedDataset, fingerprints: np.ndarray, usable: np.ndarray) -> list[tuple[int, int]]:
@@ -165,6 +176,7 @@ def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = 
     total = len(dataset)
     lengths, has_image = np.zeros(total, dtype=np.int64), np.zeros(total, dtype=bool)
     fingerprints = np.zeros(total, dtype=np.int64)
+    supervised = np.zeros(total, dtype=np.int64)
     stats: list[SampleStats | None] = [None] * total
     skipped: list[SkippedRecord] = list(dataset.load_problems)
     if workers > 0:
@@ -183,6 +195,7 @@ def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = 
             else:
                 lengths[index], has_image[index] = result.length, bool(result.visual_tokens)
                 fingerprints[index] = result.fingerprint
+                supervised[index] = result.supervised_tokens
                 if keep_stats:
                     stats[index] = result
         if bar is not None:
@@ -202,8 +215,8 @@ def scan(dataset: SupervisedDataset, *, workers: int = 0, decode_images: bool = 
                                   f"the same id and content as record {dataset.records[first].origin}, which is kept")
         if dataset.config.strict:
             raise DataError(duplicate)
-        lengths[index], has_image[index], stats[index] = 0, False, None
+        lengths[index], has_image[index], supervised[index], stats[index] = 0, False, 0, None
         skipped.append(duplicate)
     if log is not None:
         log.extend(skipped)
-    return LengthTable(lengths, has_image, skipped, stats if keep_stats else None)
+    return LengthTable(lengths, has_image, skipped, stats if keep_stats else None, supervised)

@@ -12,7 +12,8 @@ The key (`length_key`) covers everything a record's measured length depends on:
   `model/templates.py`, `model/anyres.py`, `model/pixels.py`, `vocab.py`): editing it invalidates the cache.
 
 A changed input gives another key, hence a fresh scan; stale entries are never read. The table (lengths,
-has_image and the skipped records with their reasons) lives in `<cache>/lengths/<key>/lengths.npz`.
+has_image, supervised tokens and the skipped records with their reasons) lives in `<cache>/lengths/<key>/lengths.npz`;
+`FORMAT` changes with what the table holds.
 """
 
 from __future__ import annotations
@@ -23,10 +24,10 @@ import os
 from pathlib import Path
 
 from mlcd_vl.data import cache
-from mlcd_vl.data.dataset import LengthTable, SupervisedDataset, scan
+from mlcd_vl.data.dataset import LENGTHS_FILE, LengthTable, SupervisedDataset, scan
 from mlcd_vl.data.problems import ProblemLog
 
-FORMAT = 1
+FORMAT = 2  # 2: the table records supervised tokens per record
 _PACKAGE = Path(__file__).resolve().parents[1]
 MEASURING_CODE = ("data/samples.py", "data/dataset.py", "model/templates.py", "model/anyres.py", "model/pixels.py",
                   "vocab.py")
@@ -79,10 +80,10 @@ def cached_scan(dataset: SupervisedDataset, data_key: str, cache_dir: str | os.P
 
     def build(folder: Path) -> None:
         scan(dataset, workers=workers, decode_images=decode_images, progress=progress).save(
-            str(folder / "lengths.npz"))
+            str(folder / LENGTHS_FILE))
 
     built = cache.build_once(entry, build)
-    table = LengthTable.load(str(entry / "lengths.npz"))
+    table = LengthTable.load(str(entry / LENGTHS_FILE))
     if len(table.lengths) != len(dataset):
         raise RuntimeError(f"{entry}: cached length table has {len(table.lengths)} records, the data {len(dataset)}")
     if log is not None:

@@ -42,8 +42,7 @@ if TYPE_CHECKING:
     import torch
 
 logger = logging.getLogger("mlcd_vl.train")
-PROBLEMS_FILE, METRICS_FILE, LOSS_CURVE_FILE, LENGTHS_FILE = ("data_problems.json", "metrics.jsonl",
-                                                              "loss_curve.png", "lengths.npz")
+PROBLEMS_FILE, METRICS_FILE, LOSS_CURVE_FILE = "data_problems.json", "metrics.jsonl", "loss_curve.png"
 MANIFEST_FILE = "data_manifest.json"  # what this run sees (data.manifest); its hash also goes into config.json
 
 
@@ -107,6 +106,7 @@ def train(config) -> TrainResult:
     from transformers.utils import logging as hf_logging
 
     from mlcd_vl.console import quiet_deepspeed_cpu_notice
+    from mlcd_vl.data.dataset import LENGTHS_FILE
     from mlcd_vl.data.problems import ProblemLog
     from mlcd_vl.model.checkpoint import save_vlm
     from mlcd_vl.train import checkpointing, loader, lora, metrics, models, optim, zero
