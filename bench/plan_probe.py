@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 
-
 def _tensors(value):
     """Every tensor in nested lists / tuples / dicts (DeepSpeed keeps its buffers in all three)."""
     import torch

@@ -118,8 +118,11 @@ def test_checkpointing_and_frozen_parts_save_less():
     assert frozen.per_position < full.per_position and frozen.per_crop < full.per_crop / 50
 
 
-def write_lengths(path: Path, lengths: list[int]) -> str:
-    np.savez(path, lengths=np.array(lengths, dtype=np.int64), has_image=np.ones(len(lengths), dtype=bool))
+def write_lengths(path: Path, lengths: list[int], supervised: list[int] | None = None) -> str:
+    from mlcd_vl.data.dataset import LengthTable
+
+    LengthTable(np.array(lengths, dtype=np.int64), np.ones(len(lengths), dtype=bool),
+                supervised=None if supervised is None else np.array(supervised, dtype=np.int64)).save(str(path))
     return str(path)
 
 
@@ -138,6 +141,16 @@ def test_largest_micro_batch_and_steps_come_from_the_length_table(tmp_path):
     packed = plan_for(config_for("tiny_stage2.yaml", "data.packing=true", "data.token_budget=1100"), gpus=1,
                       lengths=table)
     assert packed["micro_batch"]["positions"] == 1100  # first-fit-decreasing: [1000, 100], then the rest
+    assert padded["loss"]["supervised_tokens"] == 2000  # no supervised counts in the table: every position
+
+
+def test_loss_counts_the_most_supervised_micro_batch_of_the_table(tmp_path):
+    config = config_for("tiny_stage2.yaml", "batch.grad_accum=1", "data.group_by_modality=false")
+    table = write_lengths(tmp_path / "lengths.npz", [100] * 9 + [1000], supervised=[90] * 9 + [50])
+    plan = plan_for(config, gpus=1, lengths=table)
+    assert plan["loss"]["supervised_tokens"] == 180  # two 100-token rows of 90 beat [1000 (50), 100 (90)]
+    assert any("from the length table" in note for note in plan["assumptions"])
+    assert plan_for(config, gpus=1, lengths=table, supervised_fraction=0.5)["loss"]["supervised_tokens"] == 1000
 
 
 def test_packed_rows_count_the_block_mask_only_where_the_attention_needs_it(tmp_path):
@@ -148,6 +161,28 @@ def test_packed_rows_count_the_block_mask_only_where_the_attention_needs_it(tmp_
     eager = plan_for(config_for("tiny_stage2.yaml", *packed, "model.attn_implementation=eager"), gpus=1,
                      lengths=table)
     assert eager["activations"]["attention_mask"] == (4 + 2) * 1100**2  # float32 from the collator + bf16 copy
+
+
+def test_plan_reads_the_length_table_a_data_check_writes(tiny_assets, tmp_path, capsys):
+    from test_data_common import record, write_image
+
+    from mlcd_vl.cli import main
+    from mlcd_vl.data.dataset import LengthTable
+
+    write_image(tmp_path / "a.png", (90, 60))
+    rows = [record(f"r{i}", "<image>\nWhat colour?", "Red. " * (1 + 20 * i), image="a.png") for i in range(6)]
+    (tmp_path / "data.json").write_text(json.dumps(rows + [record("t", "Name a colour.", "Blue.")]))
+    assert main(["data", "check", str(tmp_path / "data.json"), "--tiny", "--tiny-dir", str(tiny_assets["llm"].parent),
+                 "--image-folder", str(tmp_path), "--template", "qwen_1_5", "--max-length", "1024",
+                 "--out", str(tmp_path / "check")]) == 0
+    capsys.readouterr()
+    table = tmp_path / "check" / "lengths.npz"
+    assert main(["plan", str(RECIPES / "tiny_stage2.yaml"), "model.init_from=null", "--gpus", "1",
+                 "--lengths", str(table), "--json"]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    longest = int(LengthTable.load(str(table)).lengths.max())
+    assert plan["run"]["samples"] == 7 and str(table) in plan["micro_batch"]["how"]
+    assert plan["micro_batch"]["row_length"] == longest < 1024  # the data's longest row, not data.max_length
 
 
 def test_without_a_table_rows_are_data_max_length():
@@ -216,10 +251,13 @@ def test_plan_matches_what_two_zero_ranks_hold(config, tmp_path):
 
 
 def test_recipe_plans_bench_writes_its_result(tmp_path):
-    done = subprocess.run([sys.executable, str(REPO / "bench" / "plan_recipes.py"), "--out", str(tmp_path)],
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "plan_recipes.py"), "--out", str(tmp_path),
+                           "--synthetic-records", "24"],
                           capture_output=True, text=True, cwd=REPO, check=False,
                           env={"PYTHONPATH": str(REPO), "PATH": "", "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
     assert done.returncode == 0, done.stderr[-2000:]
     (result,) = tmp_path.glob("plan_recipes_*.md")
     text = result.read_text()
-    assert text.count("per GPU, GiB") == 4 and "load average" in text
+    assert text.count("per GPU, GiB") == 6 and "load average" in text  # 2 recipes, then stage 2 with the table
+    assert "synthetic length table: 24 usable of 24 records" in text and "SYNTHETIC/lengths.npz" in text
+    assert "/plan_recipes_" not in text  # the scratch folder (tempfile's plan_recipes_*) is not in the results

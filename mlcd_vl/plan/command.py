@@ -4,9 +4,10 @@ Per GPU: parameters, gradients and optimizer states for DDP and ZeRO-1/2/3 (and 
 activations of the largest micro-batch with and without gradient checkpointing, the loss and a runtime reserve;
 per node: host memory (the model built per rank, records, offloaded states, the final save). Then the optimizer
 steps and an estimated wall time at a stated MFU, and what to change when it does not fit. Models are sized on the
-meta device from their configs (presets need no download). Give the run's length table (`--lengths
-OUTPUT_DIR/lengths.npz`, written by `mlcd-vl train`) for the real micro-batches; without one, rows of
-`data.max_length` tokens are assumed.
+meta device from their configs (presets need no download). Give the data's length table (`--lengths
+lengths.npz`, written by `mlcd-vl data check` into its --out folder before any run, or by `mlcd-vl train` into
+OUTPUT_DIR) for the real micro-batches; without one, rows of `data.max_length` tokens, every token supervised, are
+assumed: an upper bound.
 """
 
 from __future__ import annotations
@@ -29,11 +30,13 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="memory per GPU in GiB (default: the type's, 80 for H100 / A100, 141 for H200)")
     parser.add_argument("--host-memory", type=float, default=None, metavar="GIB", help="host memory per node, GiB")
     parser.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation for the time (default 0.40)")
-    parser.add_argument("--lengths", metavar="NPZ", help="the data's length table (OUTPUT_DIR/lengths.npz of a run)")
+    parser.add_argument("--lengths", metavar="NPZ",
+                        help="the data's length table: lengths.npz of `mlcd-vl data check` or of a run's OUTPUT_DIR")
     parser.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
                         help="model a chunked loss of this many supervised tokens a chunk (default: unchunked)")
-    parser.add_argument("--supervised-fraction", type=float, default=1.0,
-                        help="supervised tokens per position of the largest micro-batch (default 1.0, the bound)")
+    parser.add_argument("--supervised-fraction", type=float, default=None,
+                        help="supervised tokens per position of the largest micro-batch (default: from the length "
+                             "table's supervised counts, else 1.0, the bound)")
     parser.add_argument("--reserve", type=float, default=None, metavar="GIB",
                         help="per-GPU allowance for the CUDA context, NCCL and fragmentation (default 4)")
     parser.add_argument("--samples", type=int, default=None, help="records, without a length table or dataset preset")

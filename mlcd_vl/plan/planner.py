@@ -35,7 +35,9 @@ class PlanRequest:
     mfu: float = 0.40
     lengths: str | None = None  # lengths.npz
     loss_chunk: int | None = None  # supervised tokens per loss chunk (None: the whole micro-batch at once)
-    supervised_fraction: float = 1.0  # supervised tokens / positions of the largest micro-batch (1.0: the bound)
+    # supervised tokens / positions of the largest micro-batch; None: from the length table's supervised counts
+    # where it has them, else 1.0 (the bound: every position)
+    supervised_fraction: float | None = None
     reserve_gib: float = DEFAULT_RESERVE_GIB
     host_memory_gib: float | None = None  # per node, for the verdict
     samples: int | None = None  # records, when there is no length table and no dataset preset
@@ -49,7 +51,7 @@ class PlanRequest:
             raise ValueError(f"--gpu {self.gpu!r}: one of {', '.join(GPU_MEMORY_GIB)}")
         if not 0 < self.mfu <= 1:
             raise ValueError(f"--mfu {self.mfu}: a fraction in (0, 1]")
-        if not 0 < self.supervised_fraction <= 1:
+        if self.supervised_fraction is not None and not 0 < self.supervised_fraction <= 1:
             raise ValueError(f"--supervised-fraction {self.supervised_fraction}: a fraction in (0, 1]")
 
     @property
@@ -178,7 +180,8 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
     lengths = workload.Lengths.load(request.lengths) if request.lengths else None
     geometry = workload.ImageGeometry.of(settings, shape.tower.tokens_per_crop)
     micro = workload.largest_micro_batch(config, lengths, geometry, world)
-    supervised = micro.positions * request.supervised_fraction
+    fraction, fraction_source = supervised_fraction(request, micro)
+    supervised = micro.positions * fraction
     budget = request.gpu_bytes
     reserve = request.reserve_gib * GIB
     vocab = shape.llm.vocab
@@ -202,7 +205,7 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
         total = sum(gpu.values())
         fixed = total - activations - loss
         fits_positions = largest_fitting_positions(budget, fixed, recipe_rates, crops_per_position, vocab,
-                                                   request.supervised_fraction, request.loss_chunk,
+                                                   fraction, request.loss_chunk,
                                                    mask_per_position2)
         host = host_terms(shape, sharding, state, ranks, records, precision, world, request.sharded_init)
         rows.append({"scenario": sharding.label, "stage": sharding.stage, "recipe": own,
@@ -237,30 +240,40 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
                                       "micro_batch": activation_bytes(rates[False], micro.positions, micro.crops,
                                                                       mask)},
             "attention_mask": mask},
-        "loss": {"supervised_tokens": supervised, "supervised_fraction": request.supervised_fraction,
+        "loss": {"supervised_tokens": supervised, "supervised_fraction": fraction,
                  "chunk_tokens": request.loss_chunk, "bytes": loss,
                  "bytes_per_logit": memory.LOSS_BYTES_PER_LOGIT, "vocab": vocab},
         "reserve_gib": request.reserve_gib,
         "scenarios": rows,
         "run": None if run is None else {**run.to_dict(), "seconds": seconds, "hours": seconds / 3600},
-        "assumptions": assumptions(request, lengths is None),
+        "assumptions": assumptions(request, lengths is None, fraction, fraction_source),
     }
     plan["suggestions"] = suggestions(config, plan, shape, micro, rates, mask, budget)
     return plan
 
 
-def assumptions(request: PlanRequest, no_table: bool) -> list[str]:
+def supervised_fraction(request: PlanRequest, micro) -> tuple[float, str]:
+    """(supervised tokens per position of the largest micro-batch, where the figure comes from)."""
+    if request.supervised_fraction is not None:
+        return request.supervised_fraction, "--supervised-fraction"
+    if micro.supervised is not None:
+        return micro.supervised / max(micro.positions, 1), \
+            f"the most supervised tokens of any micro-batch of epoch 0 ({micro.supervised:,}), from the length table"
+    return 1.0, "every position supervised: an upper bound"
+
+
+def assumptions(request: PlanRequest, no_table: bool, fraction: float, fraction_source: str) -> list[str]:
     notes = [f"reserve {request.reserve_gib:g} GiB per GPU for the CUDA context, NCCL and fragmentation",
              f"loss: {memory.LOSS_BYTES_PER_LOGIT} bytes per supervised token x vocabulary entry (measured), "
              + (f"chunks of {request.loss_chunk} tokens" if request.loss_chunk else "unchunked"),
-             f"supervised tokens = {request.supervised_fraction:g} x positions of the largest micro-batch"
-             + (" (an upper bound)" if request.supervised_fraction == 1 else ""),
+             f"supervised tokens = {fraction:.3g} x positions of the largest micro-batch ({fraction_source})",
              "one image per padded row; packed rows filled with the image size of the most crops per visual token",
              f"wall time at {100 * request.mfu:g}% MFU of {request.gpu} dense bf16 peak, training's FLOPs "
              "definition (6 x parameters x tokens)"]
     if no_table:
         notes.append("no length table: every row is data.max_length tokens long, a bound far above typical data; "
-                     "give --lengths OUTPUT_DIR/lengths.npz (written by `mlcd-vl train`) for the real micro-batches")
+                     "give --lengths lengths.npz (written by `mlcd-vl data check` or `mlcd-vl train`) for the real "
+                     "micro-batches")
     return notes
 
 

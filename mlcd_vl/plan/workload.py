@@ -1,6 +1,6 @@
 """What a run processes: its largest micro-batch, crops and visual tokens, steps, FLOPs and wall time.
 
-With a length table (`lengths.npz`, written by training into its output folder; `LengthTable.save` format) the
+With a length table (`lengths.npz`, written by `mlcd-vl data check` or by training into its output folder) the
 micro-batches are those training will make: the recipe's own sampler (`LengthGroupedBatchSampler` for padded
 batches, `PackedBatchSampler` for packing) plans epoch 0 for the given world size, so the largest micro-batch and
 the number of steps are exact. Without one, a micro-batch is assumed to hold rows of `data.max_length` tokens (an
@@ -57,6 +57,7 @@ class Lengths:
     source: str
     lengths: np.ndarray
     has_image: np.ndarray
+    supervised: np.ndarray | None = None  # supervised tokens per record (None: an older table without them)
 
     @classmethod
     def load(cls, path: str) -> Lengths:
@@ -65,10 +66,11 @@ class Lengths:
         try:
             table = LengthTable.load(path)
         except (OSError, KeyError, ValueError) as error:
-            raise ValueError(f"{path}: not a length table (lengths.npz from training; {error})") from None
+            raise ValueError(f"{path}: not a length table (lengths.npz of `mlcd-vl data check` or training; "
+                             f"{error})") from None
         if not len(table.valid):
             raise ValueError(f"{path}: the length table has no usable record")
-        return cls(path, table.lengths, table.has_image)
+        return cls(path, table.lengths, table.has_image, table.supervised)
 
     @property
     def usable(self) -> np.ndarray:
@@ -77,13 +79,15 @@ class Lengths:
 
 @dataclass(frozen=True)
 class MicroBatch:
-    """The largest micro-batch of a rank: rows x row length positions, crops through the tower."""
+    """The largest micro-batch of a rank: rows x row length positions, crops through the tower, and (from a length
+    table that has them) the most supervised tokens of any micro-batch."""
 
     rows: int
     row_length: int
     positions: int
     crops: int
     how: str
+    supervised: int | None = None
 
     def to_dict(self) -> dict:
         return dict(self.__dict__)
@@ -95,14 +99,21 @@ def _sampler(config, lengths: Lengths, world: int):
     return make_sampler(config, lengths.lengths, lengths.has_image, world_size=world, rank=0)
 
 
-def micro_batch_for(config, positions: int, rows: int, geometry: ImageGeometry, how: str) -> MicroBatch:
+def micro_batch_for(config, positions: int, rows: int, geometry: ImageGeometry, how: str,
+                    supervised: int | None = None) -> MicroBatch:
     """Crops bound for a micro-batch: one image of the most crops per padded row, or images of the worst
     crops-per-token ratio filling a packed row."""
     if config.data.packing:
         crops = math.floor(positions * geometry.crops_per_token)
     else:
         crops = rows * geometry.max_crops
-    return MicroBatch(rows, positions // max(rows, 1), positions, crops, how)
+    return MicroBatch(rows, positions // max(rows, 1), positions, crops, how, supervised)
+
+
+def _most_supervised(lengths: Lengths, batches: list[list[int]]) -> int | None:
+    if lengths.supervised is None:
+        return None
+    return max(int(lengths.supervised[b].sum()) for b in batches)
 
 
 def largest_micro_batch(config, lengths: Lengths | None, geometry: ImageGeometry, world: int) -> MicroBatch:
@@ -113,7 +124,8 @@ def largest_micro_batch(config, lengths: Lengths | None, geometry: ImageGeometry
             return micro_batch_for(config, budget, 1, geometry, f"a packed row of data.token_budget = {budget}")
         batches = _sampler(config, lengths, world).epoch_batches()
         longest = max(int(lengths.lengths[b].sum()) for b in batches)
-        return micro_batch_for(config, longest, 1, geometry, f"the fullest packed row of epoch 0 ({lengths.source})")
+        return micro_batch_for(config, longest, 1, geometry, f"the fullest packed row of epoch 0 ({lengths.source})",
+                               _most_supervised(lengths, batches))
     rows = config.batch.per_device_batch_size
     if lengths is None:
         width = config.data.max_length
@@ -124,7 +136,7 @@ def largest_micro_batch(config, lengths: Lengths | None, geometry: ImageGeometry
     width = int(lengths.lengths[widest].max())
     return micro_batch_for(config, len(widest) * width, len(widest), geometry,
                            f"{len(widest)} row(s) x {width} tokens, the widest padded batch of epoch 0 "
-                           f"({lengths.source})")
+                           f"({lengths.source})", _most_supervised(lengths, batches))
 
 
 @dataclass(frozen=True)
