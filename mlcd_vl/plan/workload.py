@@ -3,8 +3,9 @@
 With a length table (`lengths.npz`, written by `mlcd-vl data check` or by training into its output folder) the
 micro-batches are those training will make: the recipe's own sampler (`LengthGroupedBatchSampler` for padded
 batches, `PackedBatchSampler` for packing) plans epoch 0 for the given world size, so the largest micro-batch and
-the number of steps are exact. Without one, a micro-batch is assumed to hold rows of `data.max_length` tokens (an
-upper bound) and the run's length is estimated from the dataset preset's size and a typical sample (stated).
+the number of steps are exact, and a table with supervised counts gives the most supervised tokens of any
+micro-batch (the loss). Without one, a micro-batch is assumed to hold rows of `data.max_length` tokens (an upper
+bound) and the run's length is estimated from the dataset preset's size and a typical sample (stated).
 
 Visual tokens and crops come from `model.anyres.image_layout` for the recipe's image mode. FLOPs are training's own
 MFU definition (`train.metrics.FlopsModel`: 6 x parameters x tokens, tower parameters x tower tokens), so a run
