@@ -66,6 +66,46 @@ def test_real_recipe_sizes_from_presets_without_downloads():
     assert settings.pinpoints == [(448, 896), (896, 448), (896, 896), (1344, 448), (448, 1344)]
 
 
+def test_every_preset_is_sized_without_downloads():
+    from mlcd_vl import presets
+    from mlcd_vl.model.build import check_tower_fits_preset
+    from mlcd_vl.plan import architectures
+
+    for preset in presets.TOWERS.values():
+        check_tower_fits_preset(architectures.tower_config(preset.hub_id), preset, preset.name)
+    for preset in presets.LLMS.values():
+        assert architectures.llm_config(preset.hub_id).hidden_size == preset.hidden_size
+
+
+@pytest.mark.parametrize("tower", ["dfn5b-vitH-378", "siglip-so400m-384"])
+def test_tower_presets_give_the_composite_their_image_settings(tower):
+    from mlcd_vl import presets
+    from mlcd_vl.plan.model_size import build_meta_model
+
+    preset = presets.TOWERS[tower]
+    model, settings = build_meta_model(config_for("mlcd_bigG448_stage2.yaml", f"model.tower={tower}",
+                                                  "model.pinpoints=null"))
+    assert settings.crop_size == preset.image_size and settings.pinpoints == preset.pinpoints
+    assert settings.resize_mode == preset.resize_mode
+    assert model.config.vision_feature_select_strategy == preset.select_strategy
+    assert model.config.vision_feature_layer == preset.select_layer
+
+
+def test_a_checkpoint_recipe_is_sized_from_the_folder(tiny_vlm_dir, tmp_path):
+    from mlcd_vl.plan.model_size import model_shape
+    from mlcd_vl.train import models, optim
+
+    config = config_for("tiny_stage2.yaml", f"model.checkpoint={tiny_vlm_dir}", f"output_dir={tmp_path}")
+    model, _, built_settings, _ = models.build_model(config)
+    optim.apply_tunable_parts(model, config.tunable_parts)
+    optim.freeze_unreached(model)
+    built = optim.parameter_summary(model)
+    shape, settings = model_shape(config)
+    assert shape.total == {part: count.total for part, count in built.items()}
+    assert shape.trainable == {part: count.trainable for part, count in built.items()}
+    assert settings == built_settings
+
+
 def test_zero_stages_divide_what_they_partition():
     groups = ((100,) * 8,)
     bf16 = Precision("bf16")
@@ -183,6 +223,12 @@ def test_plan_reads_the_length_table_a_data_check_writes(tiny_assets, tmp_path, 
     longest = int(LengthTable.load(str(table)).lengths.max())
     assert plan["run"]["samples"] == 7 and str(table) in plan["micro_batch"]["how"]
     assert plan["micro_batch"]["row_length"] == longest < 1024  # the data's longest row, not data.max_length
+
+
+def test_an_order_file_recipe_is_told_its_micro_batches_are_the_samplers(tmp_path):
+    (tmp_path / "order.txt").write_text("id0 id1\n")
+    plan = plan_for(config_for("tiny_stage2.yaml", f"data.order_file={tmp_path / 'order.txt'}"), gpus=1)
+    assert any(note.startswith("data.order_file:") for note in plan["assumptions"])
 
 
 def test_without_a_table_rows_are_data_max_length():

@@ -230,6 +230,27 @@ class VLMSpec:
     allow_pickle: bool = False  # an OpenCLIP tower with only pickle weights may be converted
 
 
+def image_settings(spec: VLMSpec, tower_config, tower_path: str,
+                   tower_preset: presets.TowerPreset | None) -> tuple[VLMSettings, str, int]:
+    """(settings, feature select strategy, feature layer) of the composite: a preset's image settings (once the tower
+    is checked to fit it), so a study changes only the tower; else the tower's own processor config.
+    `mlcd-vl plan` sizes the composite from these too, on the meta device."""
+    if tower_preset is not None:
+        check_tower_fits_preset(tower_config, tower_preset, spec.tower)
+        image = ProcessorSettings.of_tower(tower_preset)
+        strategy, layer = tower_preset.select_strategy, tower_preset.select_layer
+    else:
+        image = tower_processor_settings(tower_path, tower_config)
+        strategy, layer = ("full" if tower_config.model_type.startswith("siglip") else "default"), -2
+    pinpoints = spec.pinpoints if spec.pinpoints is not None else (tower_preset.pinpoints if tower_preset else [])
+    settings = VLMSettings(
+        image_mode=spec.image_mode, merge_type=spec.merge_type,
+        pinpoints=anyres.parse_pinpoints(pinpoints, image.crop_size) if anyres.is_anyres(spec.image_mode) else [],
+        template=spec.template, crop_size=image.crop_size, patch_size=tower_config.patch_size,
+        image_mean=image.mean, image_std=image.std, llm=spec.llm, tower=spec.tower, resize_mode=image.resize_mode)
+    return settings, strategy, layer
+
+
 def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
     """A fresh composite with the LLM's and tower's pretrained weights, a new projector and image_newline."""
     dtype = getattr(torch, spec.dtype)
@@ -239,19 +260,7 @@ def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, 
     tokenizer = load_tokenizer(llm_path, spec.template)
     llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
     tower = load_vision_tower(tower_path, dtype=dtype)
-    if tower_preset is not None:  # the preset's image settings, so a study changes only the tower
-        check_tower_fits_preset(tower.config, tower_preset, spec.tower)
-        image = ProcessorSettings.of_tower(tower_preset)
-        strategy, layer = tower_preset.select_strategy, tower_preset.select_layer
-    else:
-        image = tower_processor_settings(tower_path, tower.config)
-        strategy, layer = ("full" if tower.config.model_type.startswith("siglip") else "default"), -2
-    pinpoints = spec.pinpoints if spec.pinpoints is not None else (tower_preset.pinpoints if tower_preset else [])
-    settings = VLMSettings(
-        image_mode=spec.image_mode, merge_type=spec.merge_type,
-        pinpoints=anyres.parse_pinpoints(pinpoints, image.crop_size) if anyres.is_anyres(spec.image_mode) else [],
-        template=spec.template, crop_size=image.crop_size, patch_size=tower.config.patch_size,
-        image_mean=image.mean, image_std=image.std, llm=spec.llm, tower=spec.tower, resize_mode=image.resize_mode)
+    settings, strategy, layer = image_settings(spec, tower.config, tower_path, tower_preset)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
     if image_token_id >= llm.config.vocab_size:
         llm.resize_token_embeddings(len(tokenizer))

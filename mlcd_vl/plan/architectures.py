@@ -2,7 +2,8 @@
 
 `mlcd_vl.presets` names the models and their image settings; this table adds the numbers a model is built from
 (its `config.json` fields), keyed by hub id. Values are those of the hub configs (reference-spec 1.1 and 2.3 for
-Qwen2.5-7B-Instruct and MLCD bigG; the Qwen2.5 model cards for 0.5B / 1.5B; the CLIP and SigLIP hub configs).
+Qwen2.5-7B-Instruct and MLCD bigG; the Qwen2.5 model cards for 0.5B / 1.5B; the CLIP and SigLIP hub configs;
+OpenCLIP's ViT-H-14-378 config for DFN5B). `tests/test_plan.py` checks every preset is covered and fits its preset.
 Anything else (a local folder, a hub id in the local HF cache) is read with `AutoConfig.from_pretrained`.
 """
 
@@ -42,6 +43,10 @@ TOWER_CONFIGS: dict[str, dict] = {
                                              intermediate_size=4304, num_hidden_layers=27, num_attention_heads=16,
                                              patch_size=14, image_size=384, hidden_act="gelu_pytorch_tanh",
                                              layer_norm_eps=1e-6),
+    # An OpenCLIP checkpoint on the hub; these are the fields of the CLIPVisionModel it converts to (model/openclip.py)
+    "apple/DFN5B-CLIP-ViT-H-14-378": dict(model_type="clip_vision_model", hidden_size=1280, intermediate_size=5120,
+                                          num_hidden_layers=32, num_attention_heads=16, patch_size=14, image_size=378,
+                                          hidden_act="quick_gelu", projection_dim=1024, layer_norm_eps=1e-5),
 }
 
 # Records of the dataset presets (mlcd_vl.data.sources.DATASET_PRESETS), from the dataset cards.

@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import tempfile
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from mlcd_vl.plan import architectures
 
@@ -133,44 +132,41 @@ def _tower_config(source: str):
     return config
 
 
-def _crop_size(tower_source: str, tower_config) -> int:
-    from mlcd_vl import presets
-
-    preset = presets.tower_preset(tower_source)
-    if preset is not None:
-        return preset.image_size
-    if Path(tower_source).is_dir():
-        from mlcd_vl.model.build import tower_processor_settings
-
-        return tower_processor_settings(tower_source, tower_config)[0]
-    return tower_config.image_size
-
-
 def build_meta_model(config):
-    """The composite for `config` (a TrainConfig) on the meta device, frozen as training freezes it."""
+    """The composite for `config` (a TrainConfig) on the meta device, frozen as training freezes it: from the
+    recipe's LLM and tower with `build_vlm`'s image settings, or the `model.checkpoint` folder's own config."""
     import torch
-    from transformers import AutoModelForImageTextToText
+    from transformers import AutoConfig, AutoModelForImageTextToText
 
     from mlcd_vl import presets
-    from mlcd_vl.model import anyres
-    from mlcd_vl.model.build import VLMSettings, compose_config
+    from mlcd_vl.model.build import VLMSpec, compose_config, image_settings
     from mlcd_vl.train import optim
 
-    llm_source, tower_source = _resolve(config)
-    text_config, image_token_id = _llm_config_and_image_token(llm_source)
-    if image_token_id >= text_config.vocab_size:  # build_vlm resizes the embeddings to the tokenizer
-        text_config.vocab_size = image_token_id + 1
-    vision_config = _tower_config(tower_source)
-    crop = _crop_size(tower_source, vision_config)
-    preset = presets.tower_preset(config.model.tower)
-    pinpoints = config.model.pinpoints if config.model.pinpoints is not None else (preset.pinpoints if preset else [])
-    settings = VLMSettings(
-        image_mode=config.model.image_mode, merge_type=config.model.merge_type,
-        pinpoints=anyres.parse_pinpoints(pinpoints, crop) if anyres.is_anyres(config.model.image_mode) else [],
-        template=config.model.template, crop_size=crop, patch_size=vision_config.patch_size)
-    strategy = preset.select_strategy if preset else (
-        "full" if vision_config.model_type.startswith("siglip") else "default")
-    composite = compose_config(text_config, vision_config, settings, image_token_id, select_strategy=strategy)
+    if config.model.checkpoint:
+        from mlcd_vl.model.checkpoint import read_settings
+
+        try:
+            composite, settings = AutoConfig.from_pretrained(config.model.checkpoint), \
+                read_settings(config.model.checkpoint)
+        except (OSError, ValueError, KeyError) as error:
+            raise PlanInputError(f"model.checkpoint {config.model.checkpoint!r}: not a saved mlcd-vl model folder "
+                                 f"({type(error).__name__})") from None
+    else:
+        llm_source, tower_source = _resolve(config)
+        text_config, image_token_id = _llm_config_and_image_token(llm_source)
+        if image_token_id >= text_config.vocab_size:  # build_vlm resizes the embeddings to the tokenizer
+            text_config.vocab_size = image_token_id + 1
+        vision_config = _tower_config(tower_source)
+        spec = VLMSpec(llm=config.model.llm, tower=config.model.tower, image_mode=config.model.image_mode,
+                       merge_type=config.model.merge_type, pinpoints=config.model.pinpoints,
+                       template=config.model.template)
+        try:
+            settings, strategy, layer = image_settings(spec, vision_config, tower_source,
+                                                       presets.tower_preset(config.model.tower))
+        except ValueError as error:  # a tower that does not fit its preset
+            raise PlanInputError(str(error)) from None
+        composite = compose_config(text_config, vision_config, settings, image_token_id, select_strategy=strategy,
+                                   select_layer=layer)
     with torch.device("meta"):
         model = AutoModelForImageTextToText.from_config(composite)
     optim.apply_tunable_parts(model, config.tunable_parts)

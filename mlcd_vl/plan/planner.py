@@ -248,6 +248,9 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
         "run": None if run is None else {**run.to_dict(), "seconds": seconds, "hours": seconds / 3600},
         "assumptions": assumptions(request, lengths is None, fraction, fraction_source),
     }
+    if config.data.order_file:
+        plan["assumptions"].append("data.order_file: training replays that file's micro-batches (any size); the "
+                                   "micro-batches planned here are the recipe's sampler's")
     plan["suggestions"] = suggestions(config, plan, shape, micro, rates, mask, budget)
     return plan
 
