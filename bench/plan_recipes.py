@@ -6,7 +6,8 @@
 
 No model is downloaded (the presets' architectures, built on the meta device). Each recipe is planned without a
 length table, so micro-batches are the `data.max_length` bound with every token supervised (an upper bound), as it
-is and with the chunked loss (`--loss-chunk 1024`, the setting being added for issue 14). Stage 2 is then planned
+is (its `optim.loss_impl`: auto, chunked above `optim.loss_chunk_tokens` supervised tokens, as training decides)
+and with `optim.loss_impl=full` (full logits, what training did before the chunked loss). Stage 2 is then planned
 again with a SYNTHETIC length table for a realistic figure: `--synthetic-records` LLaVA-NeXT-shaped records
 (`common.make_records`: mixed aspect ratios, short and detailed answers, a multi-turn tail, 10% text-only) put
 through training's own length scan (`SupervisedDataset` + `scan`, what `mlcd-vl data check` and `mlcd-vl train`
@@ -32,6 +33,7 @@ RECIPES = ("configs/recipes/mlcd_bigG448_stage2.yaml", "configs/recipes/mlcd_big
 
 
 STAGE2 = RECIPES[0]
+LOSS_FULL = ("optim.loss_impl=full",)  # the comparison: full logits whatever the micro-batch
 
 
 def synthetic_lengths(folder: Path, config, records: int) -> Path:
@@ -89,18 +91,19 @@ def main(argv: list[str] | None = None) -> int:
             notes.append(describe(table) + f" ({args.synthetic_records:,} records of `common.make_records`, seed 0; "
                          "text through the tiny tokenizer; see the script's docstring)")
         for recipe, table in cases:
-            for chunk in (None, 1024):
+            for overrides in ((), LOSS_FULL):
                 request = PlanRequest(gpus=args.gpus, nodes=args.nodes, gpu_memory_gib=args.gpu_memory,
-                                      loss_chunk=chunk, lengths=str(table) if table else None)
-                plan = make_plan(load_config(common.REPO / recipe), request, recipe=recipe)
+                                      lengths=str(table) if table else None)
+                plan = make_plan(load_config(common.REPO / recipe, list(overrides)), request, recipe=recipe,
+                                 overrides=overrides)
                 if table:  # the scratch folder is gone afterwards: name the table by what it is
                     plan = json.loads(json.dumps(plan).replace(str(table), "SYNTHETIC/lengths.npz"))
                 plan["synthetic_lengths"] = table is not None
                 plans.append(plan)
-                flags = f" --loss-chunk {chunk}" if chunk else ""
-                flags += " --lengths SYNTHETIC/lengths.npz" if table else ""
+                flags = " --lengths SYNTHETIC/lengths.npz" if table else ""
                 title = "with the synthetic length table" if table else "without a length table (the bound)"
-                lines += [f"## {title}: `mlcd-vl plan {recipe} --gpus {args.gpus} --nodes {args.nodes} "
+                lines += [f"## {title}: `mlcd-vl plan {' '.join((recipe, *overrides))} --gpus {args.gpus} "
+                          f"--nodes {args.nodes} "
                           f"--gpu-memory {args.gpu_memory:g}{flags}`", "", "```", render(plan), "```", ""]
     header = common.header("plan of the real recipes", common.command_line("plan_recipes.py", argv), load_before,
                            notes)

@@ -67,7 +67,7 @@ def test_data_check_reports_every_planted_problem(tmp_path, capsys):
     table = LengthTable.load(str(out / "lengths.npz"))  # the table `mlcd-vl plan --lengths` reads
     assert report["length_table"] == str(out / "lengths.npz")
     assert len(table.valid) == report["usable"] and table.lengths.max() == report["sequence_tokens"]["max"]
-    assert int(table.has_image.sum()) == len(good) - 1
+    assert int(table.has_image.sum()) == report["modalities"]["image"]
     assert int(table.supervised.sum()) == report["supervised_tokens"]["total"]
 
     console = capsys.readouterr().out

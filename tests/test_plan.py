@@ -58,7 +58,7 @@ def test_real_recipe_sizes_from_presets_without_downloads():
     from mlcd_vl.plan.model_size import model_shape
 
     shape, settings = model_shape(config_for("mlcd_bigG448_stage2.yaml"))
-    assert shape.total["projector"] == 18_816_000  # reference-spec 1.1: Linear(1664 -> 3584), Linear(3584 -> 3584)
+    assert shape.total["projector"] == 18_816_000  # upstream's mlp2x_gelu: Linear(1664 -> 3584), Linear(3584 -> 3584)
     assert shape.total["language_model"] == pytest.approx(7.6e9, rel=0.01)
     assert shape.total["vision_tower"] == pytest.approx(1.84e9, rel=0.01)
     assert 0 < shape.total["vision_tower"] - shape.trainable["vision_tower"] < shape.total["vision_tower"] / 40
@@ -136,10 +136,36 @@ def test_persistent_small_tensors_stay_whole_under_zero3():
     assert memory.zero3_partition((10, 1000), 4, persistence_threshold=10) == (250, 10)
 
 
-def test_loss_term_grows_with_supervised_tokens_unless_chunked():
-    assert memory.loss_bytes(2048, 151936) == pytest.approx(3.4 * GIB, rel=0.02)  # issue 14's measurement
-    assert memory.loss_bytes(32768, 152064, chunk_tokens=1024) == memory.loss_bytes(1024, 152064)
-    assert memory.loss_bytes(512, 152064, chunk_tokens=1024) == memory.loss_bytes(512, 152064)
+QWEN7B_HEAD = {"vocab": 151936, "hidden": 3584}
+# bench/results/loss_memory_*_2026-12-02.md (main): step peak GiB of the chunked loss, 1024-token chunks, by
+# (dtype, supervised tokens); and the full-logits path's at 2048 tokens
+MEASURED_CHUNKED_GIB = {("bf16", 2048): 3.32, ("bf16", 4096): 3.33, ("bf16", 8192): 3.36, ("bf16", 32768): 3.52,
+                        ("fp32", 2048): 3.22, ("fp32", 8192): 3.31}
+MEASURED_FULL_2048_GIB = 3.50
+
+
+def test_full_loss_grows_with_supervised_tokens_as_measured():
+    assert memory.loss_bytes(2048, 151936) == pytest.approx(MEASURED_FULL_2048_GIB * GIB, rel=0.02)
+    assert memory.loss_bytes(32768, 151936) == 16 * memory.loss_bytes(2048, 151936)
+
+
+@pytest.mark.parametrize("dtype, tokens", sorted(MEASURED_CHUNKED_GIB))
+def test_chunked_loss_model_matches_the_measured_step_peaks(dtype, tokens):
+    e = 2 if dtype == "bf16" else 4
+    modelled = memory.chunked_loss_bytes(tokens, QWEN7B_HEAD["vocab"], QWEN7B_HEAD["hidden"], 1024,
+                                         weight_bytes=e, activation_bytes=e, head_trains=True,
+                                         hidden_needs_grad=True)
+    assert modelled == pytest.approx(MEASURED_CHUNKED_GIB[dtype, tokens] * GIB, rel=0.05)
+
+
+def test_chunked_loss_stays_flat_and_drops_the_weight_gradient_of_a_frozen_head():
+    def chunked(tokens, **flags):
+        return memory.chunked_loss_bytes(tokens, 152064, 3584, 1024, weight_bytes=2, activation_bytes=2, **flags)
+
+    trains = {"head_trains": True, "hidden_needs_grad": True}
+    assert chunked(32768, **trains) - chunked(2048, **trains) == 2 * (32768 - 2048) * 3584  # the hidden gradient
+    frozen = chunked(32768, head_trains=False, hidden_needs_grad=True)
+    assert frozen == chunked(32768, **trains) - 4.0 * 152064 * 3584  # no float32 accumulator
 
 
 def test_checkpointing_and_frozen_parts_save_less():
@@ -237,16 +263,48 @@ def test_without_a_table_rows_are_data_max_length():
     assert plan["run"]["samples"] == 779_289 and plan["run"]["steps"] == 6089  # 779,289 / (2 x 8 x 8)
 
 
-def test_real_stage2_needs_the_chunked_loss_on_80_gib():
-    plain = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=8, gpu_memory_gib=80)
-    own = next(row for row in plain["scenarios"] if row["recipe"])
-    assert own["scenario"] == "ZeRO-3" and not own["fits"]
-    assert any("chunked loss" in line for line in plain["suggestions"])
-    chunked = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=8, gpu_memory_gib=80, loss_chunk=1024)
-    own = next(row for row in chunked["scenarios"] if row["recipe"])
-    assert own["fits"] and own["largest_fitting_positions"] >= 2 * 32768
+def own_row(plan: dict) -> dict:
+    return next(row for row in plan["scenarios"] if row["recipe"])
+
+
+def test_the_loss_is_the_one_the_recipe_runs_chunked_above_its_threshold():
+
+    plan = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=8)  # loss_impl auto, 65,536 supervised tokens
+    loss, vocab, hidden = plan["loss"], plan["model"]["llm"]["vocab"], plan["model"]["llm"]["hidden"]
+    assert (loss["impl"], loss["runs"], loss["supervised_tokens"]) == ("auto", "chunked", 2 * 32768)
+    chunk_bound = memory.chunked_loss_bytes(2 * 32768, vocab, hidden, 1024, weight_bytes=2, activation_bytes=2,
+                                            head_trains=True, hidden_needs_grad=True)
+    assert loss["bytes"] == own_row(plan)["gpu"]["loss"] == chunk_bound < 4 * GIB
+    assert loss["full_bytes"] == memory.loss_bytes(2 * 32768, vocab)
+    full = plan_for(config_for("mlcd_bigG448_stage2.yaml", "optim.loss_impl=full"), gpus=8)
+    assert full["loss"]["runs"] == "full" and full["loss"]["bytes"] == memory.loss_bytes(2 * 32768, vocab)
+    from mlcd_vl.plan.model_size import model_shape
+
+    shape, _ = model_shape(config_for("tiny_stage2.yaml"))
+    from mlcd_vl.plan.loss import LossModel
+
+    model = LossModel.of(config_for("tiny_stage2.yaml"), shape, 4)
+    assert [model.implementation(n) for n in (1024, 1025)] == ["full", "chunked"]  # training's rule, its threshold
+
+
+def test_auto_counts_the_full_logits_just_below_a_large_threshold():
+    plan = plan_for(config_for("mlcd_bigG448_stage2.yaml", "optim.loss_chunk_tokens=16384"), gpus=8)
+    vocab = plan["model"]["llm"]["vocab"]
+    assert plan["loss"]["runs"] == "chunked"
+    assert plan["loss"]["bytes"] == memory.loss_bytes(16384, vocab) > plan["loss"]["chunked_bytes"]
+
+
+def test_real_stage2_fits_80_gib_with_its_chunked_loss_not_with_full_logits():
+    chunked = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=8, gpu_memory_gib=80)
+    own = own_row(chunked)
+    assert own["scenario"] == "ZeRO-3" and own["fits"] and own["largest_fitting_positions"] >= 2 * 32768
+    assert not any("chunked loss" in line for line in chunked["suggestions"])
     ddp = next(row for row in chunked["scenarios"] if row["stage"] == 0)
     assert not ddp["fits"]  # 16 bytes per trainable parameter on every GPU
+    full = plan_for(config_for("mlcd_bigG448_stage2.yaml", "optim.loss_impl=full"), gpus=8, gpu_memory_gib=80)
+    assert not own_row(full)["fits"]
+    suggestion = next(line for line in full["suggestions"] if line.startswith("chunked loss"))
+    assert "optim.loss_impl=auto" in suggestion and f"total {own['gpu_total'] / GIB:.1f} GiB" in suggestion
 
 
 def test_host_memory_counts_the_model_built_per_rank():

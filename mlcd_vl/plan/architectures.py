@@ -1,10 +1,10 @@
 """The architectures of the preset LLMs and vision towers, so a plan needs no download, and dataset sizes.
 
 `mlcd_vl.presets` names the models and their image settings; this table adds the numbers a model is built from
-(its `config.json` fields), keyed by hub id. Values are those of the hub configs (reference-spec 1.1 and 2.3 for
-Qwen2.5-7B-Instruct and MLCD bigG; the Qwen2.5 model cards for 0.5B / 1.5B; the CLIP and SigLIP hub configs;
-OpenCLIP's ViT-H-14-378 config for DFN5B). `tests/test_plan.py` checks every preset is covered and fits its preset.
-Anything else (a local folder, a hub id in the local HF cache) is read with `AutoConfig.from_pretrained`.
+(its `config.json` fields), keyed by hub id. Values are those of the hub configs (Qwen2.5-7B-Instruct's and MLCD
+bigG-448's `config.json`, as upstream's stage-2 checkpoint composes them; the Qwen2.5 model cards for 0.5B / 1.5B;
+the CLIP and SigLIP hub configs; OpenCLIP's ViT-H-14-378 config for DFN5B). `tests/test_plan.py` checks every
+preset is covered and fits its preset. Anything else (a local folder, a hub id in the local HF cache) is read with `AutoConfig.from_pretrained`.
 """
 
 from __future__ import annotations

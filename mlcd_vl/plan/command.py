@@ -7,7 +7,8 @@ steps and an estimated wall time at a stated MFU, and what to change when it doe
 meta device from their configs (presets need no download). Give the data's length table (`--lengths
 lengths.npz`, written by `mlcd-vl data check` into its --out folder before any run, or by `mlcd-vl train` into
 OUTPUT_DIR) for the real micro-batches; without one, rows of `data.max_length` tokens, every token supervised, are
-assumed: an upper bound.
+assumed: an upper bound. The loss is the one training runs: the recipe's `optim.loss_impl` and
+`optim.loss_chunk_tokens` (override them like any recipe key, e.g. `optim.loss_impl=full`).
 """
 
 from __future__ import annotations
@@ -32,8 +33,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mfu", type=float, default=0.40, help="model FLOPs utilisation for the time (default 0.40)")
     parser.add_argument("--lengths", metavar="NPZ",
                         help="the data's length table: lengths.npz of `mlcd-vl data check` or of a run's OUTPUT_DIR")
-    parser.add_argument("--loss-chunk", type=int, default=None, metavar="TOKENS",
-                        help="model a chunked loss of this many supervised tokens a chunk (default: unchunked)")
     parser.add_argument("--supervised-fraction", type=float, default=None,
                         help="supervised tokens per position of the largest micro-batch (default: from the length "
                              "table's supervised counts, else 1.0, the bound)")
@@ -59,7 +58,7 @@ def run(args: argparse.Namespace) -> int:
     from mlcd_vl.train.config import ConfigError, load_config
 
     request = PlanRequest(gpus=args.gpus, nodes=args.nodes, gpu=args.gpu, gpu_memory_gib=args.gpu_memory,
-                          mfu=args.mfu, lengths=args.lengths, loss_chunk=args.loss_chunk,
+                          mfu=args.mfu, lengths=args.lengths,
                           supervised_fraction=args.supervised_fraction,
                           reserve_gib=DEFAULT_RESERVE_GIB if args.reserve is None else args.reserve,
                           host_memory_gib=args.host_memory, samples=args.samples, text_tokens=args.text_tokens,

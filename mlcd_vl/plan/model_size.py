@@ -67,6 +67,8 @@ class ModelShape:
     param_numels: tuple[int, ...] = field(repr=False, default=())  # every parameter tensor (ZeRO-3 partitions)
     optimizer_groups: tuple[tuple[int, ...], ...] = field(repr=False, default=())  # trainable sizes per group
     largest_module: int = 0  # direct parameters of the largest module (ZeRO-3 gathers a module at a time)
+    lm_head: object = field(repr=False, compare=False, default=None)  # the meta head the loss is decided on
+    head_trainable: int = 0  # trainable parameters of the LM head
 
     @property
     def params(self) -> int:
@@ -190,7 +192,7 @@ def measure(model, settings, optim_config) -> ModelShape:
     selected = selected if isinstance(selected, (list, tuple)) else [selected]
     layers_used = max(index % (layers + 1) for index in selected)
     head_dim = getattr(text, "head_dim", None) or text.hidden_size // text.num_attention_heads
-    lm_head = model.get_output_embeddings()
+    lm_head = model.lm_head  # the module training's loss runs (`step.forward_loss`)
     projector = model.model.multi_modal_projector
     numels = tuple(int(getattr(p, "ds_numel", p.numel())) for p in model.parameters())
     groups = tuple(tuple(int(getattr(p, "ds_numel", p.numel())) for p in group["params"])
@@ -211,7 +213,8 @@ def measure(model, settings, optim_config) -> ModelShape:
                          rotary=vision.model_type == "mlcd_vision_model"),
         projector_in=projector.linear_1.in_features, projector_out=projector.linear_2.out_features,
         model_class=type(model).__name__, param_numels=numels,
-        optimizer_groups=groups, largest_module=largest)
+        optimizer_groups=groups, largest_module=largest, lm_head=lm_head,
+        head_trainable=sum(int(getattr(p, "ds_numel", p.numel())) for p in lm_head.parameters() if p.requires_grad))
 
 
 def model_shape(config) -> tuple[ModelShape, object]:

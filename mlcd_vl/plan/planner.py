@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +35,6 @@ class PlanRequest:
     gpu_memory_gib: float | None = None  # None: the GPU type's
     mfu: float = 0.40
     lengths: str | None = None  # lengths.npz
-    loss_chunk: int | None = None  # supervised tokens per loss chunk (None: the whole micro-batch at once)
     # supervised tokens / positions of the largest micro-batch; None: from the length table's supervised counts
     # where it has them, else 1.0 (the bound: every position)
     supervised_fraction: float | None = None
@@ -117,13 +117,13 @@ def activation_bytes(rates: memory.ActivationRates, positions: float, crops: flo
     return rates.per_position * positions + rates.per_crop * crops + mask
 
 
-def largest_fitting_positions(budget: float, fixed: float, rates, crops_per_position: float, vocab: int,
-                              supervised_fraction: float, loss_chunk: int | None, mask_per_position2: float) -> int:
-    """The most positions per micro-batch whose memory stays within `budget` (0 if none)."""
+def largest_fitting_positions(budget: float, fixed: float, rates, crops_per_position: float,
+                              loss_at: Callable[[int], float], mask_per_position2: float) -> int:
+    """The most positions per micro-batch whose memory stays within `budget` (0 if none); `loss_at(positions)` is
+    the loss term of a micro-batch of that many positions."""
     def total(positions: int) -> float:
         return (fixed + rates.per_position * positions + rates.per_crop * crops_per_position * positions
-                + mask_per_position2 * positions**2
-                + memory.loss_bytes(positions * supervised_fraction, vocab, loss_chunk))
+                + mask_per_position2 * positions**2 + loss_at(positions))
 
     if total(1) > budget:
         return 0
@@ -169,6 +169,7 @@ def host_terms(shape, sharding: Sharding, state: memory.StateMemory, ranks: int,
 def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[str, ...] = ()) -> dict:
     """The whole plan as a JSON-able dict (bytes as numbers)."""
     from mlcd_vl.plan import model_size, workload
+    from mlcd_vl.plan.loss import LossModel
     from mlcd_vl.train.metrics import PEAK_BF16_FLOPS, FlopsModel
     from mlcd_vl.train.optim import PartCount
 
@@ -184,8 +185,7 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
     supervised = micro.positions * fraction
     budget = request.gpu_bytes
     reserve = request.reserve_gib * GIB
-    vocab = shape.llm.vocab
-    loss = memory.loss_bytes(supervised, vocab, request.loss_chunk)
+    loss_model = LossModel.of(config, shape, e)
     mask = mask_bytes(config, micro, e)
     rates = {gc: _activation_setup(config, shape, micro, e, gc) for gc in (True, False)}
     recipe_rates = rates[config.gradient_checkpointing]
@@ -200,18 +200,21 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
         state = memory.state_memory(shape.params, shape.trainable_params, precision, sharding, world,
                                     param_numels=shape.param_numels, optimizer_groups=shape.optimizer_groups,
                                     largest_module=shape.largest_module)
+        head_bytes = head_weight_bytes(sharding, precision)
+        loss = loss_model.peak(supervised, head_bytes)
         gpu = {name: state.gpu_bytes(name) for name in ("parameters", "gradients", "optimizer states", "buffers")}
         gpu.update({"activations": activations, "loss": loss, "reserve": reserve})
         total = sum(gpu.values())
         fixed = total - activations - loss
-        fits_positions = largest_fitting_positions(budget, fixed, recipe_rates, crops_per_position, vocab,
-                                                   fraction, request.loss_chunk,
-                                                   mask_per_position2)
+        fits_positions = largest_fitting_positions(
+            budget, fixed, recipe_rates, crops_per_position,
+            lambda positions, w=head_bytes: loss_model.peak(positions * fraction, w), mask_per_position2)
         host = host_terms(shape, sharding, state, ranks, records, precision, world, request.sharded_init)
         rows.append({"scenario": sharding.label, "stage": sharding.stage, "recipe": own,
                      "offload_optimizer": sharding.offload_optimizer, "offload_params": sharding.offload_params,
                      "gpu": gpu, "gpu_terms": [t.__dict__ for t in state.gpu], "gpu_total": total,
                      "gpu_per_rank": state.per_rank,
+                     "head_weight_bytes": head_bytes,
                      "fits": total <= budget, "largest_fitting_positions": fits_positions,
                      "host_per_node": host,
                      "host_fits": None if request.host_memory_gib is None
@@ -240,19 +243,34 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
                                       "micro_batch": activation_bytes(rates[False], micro.positions, micro.crops,
                                                                       mask)},
             "attention_mask": mask},
-        "loss": {"supervised_tokens": supervised, "supervised_fraction": fraction,
-                 "chunk_tokens": request.loss_chunk, "bytes": loss,
-                 "bytes_per_logit": memory.LOSS_BYTES_PER_LOGIT, "vocab": vocab},
+        "loss": loss_summary(loss_model, supervised, fraction, next(r for r in rows if r["recipe"])),
         "reserve_gib": request.reserve_gib,
         "scenarios": rows,
         "run": None if run is None else {**run.to_dict(), "seconds": seconds, "hours": seconds / 3600},
-        "assumptions": assumptions(request, lengths is None, fraction, fraction_source),
+        "assumptions": assumptions(request, lengths is None, fraction, fraction_source, loss_model),
     }
     if config.data.order_file:
         plan["assumptions"].append("data.order_file: training replays that file's micro-batches (any size); the "
                                    "micro-batches planned here are the recipe's sampler's")
-    plan["suggestions"] = suggestions(config, plan, shape, micro, rates, mask, budget)
+    plan["suggestions"] = suggestions(config, plan, micro, rates, mask, budget, loss_model)
     return plan
+
+
+def head_weight_bytes(sharding: Sharding, precision: Precision) -> int:
+    """Bytes of an LM-head weight as the loss sees it: fp32 under DDP (autocast), the training dtype under ZeRO."""
+    return 4 if sharding.stage == 0 else precision.weight_bytes
+
+
+def loss_summary(loss_model, supervised: float, fraction: float, own: dict) -> dict:
+    """The loss of the recipe's own scenario: the path training takes and both paths' bytes at the largest count."""
+    w = own["head_weight_bytes"]
+    return {"supervised_tokens": supervised, "supervised_fraction": fraction,
+            "impl": loss_model.settings.impl, "chunk_tokens": loss_model.settings.chunk_tokens,
+            "runs": loss_model.implementation(supervised), "how": loss_model.describe(supervised),
+            "bytes": own["gpu"]["loss"],
+            "full_bytes": loss_model.bytes_at(supervised, w, "full"),
+            "chunked_bytes": loss_model.bytes_at(supervised, w, "chunked"),
+            "bytes_per_logit": memory.LOSS_BYTES_PER_LOGIT, "vocab": loss_model.vocab}
 
 
 def supervised_fraction(request: PlanRequest, micro) -> tuple[float, str]:
@@ -265,10 +283,16 @@ def supervised_fraction(request: PlanRequest, micro) -> tuple[float, str]:
     return 1.0, "every position supervised: an upper bound"
 
 
-def assumptions(request: PlanRequest, no_table: bool, fraction: float, fraction_source: str) -> list[str]:
+def assumptions(request: PlanRequest, no_table: bool, fraction: float, fraction_source: str,
+                loss_model) -> list[str]:
+    chunk = loss_model.settings.chunk_tokens
     notes = [f"reserve {request.reserve_gib:g} GiB per GPU for the CUDA context, NCCL and fragmentation",
-             f"loss: {memory.LOSS_BYTES_PER_LOGIT} bytes per supervised token x vocabulary entry (measured), "
-             + (f"chunks of {request.loss_chunk} tokens" if request.loss_chunk else "unchunked"),
+             f"loss as training runs it (optim.loss_impl={loss_model.settings.impl}): full logits "
+             f"{memory.LOSS_BYTES_PER_LOGIT} bytes per supervised token x vocabulary entry (measured); chunked: "
+             f"the float32 [vocab, hidden] weight-gradient accumulator + {chunk} positions of float32 logits "
+             f"({memory.CHUNK_BYTES_PER_LOGIT} B per entry) + the hidden states' gradient"
+             + ("; auto: the worst micro-batch on either side of its threshold" if loss_model.settings.impl == "auto"
+                else ""),
              f"supervised tokens = {fraction:.3g} x positions of the largest micro-batch ({fraction_source})",
              "one image per padded row; packed rows filled with the image size of the most crops per visual token",
              f"wall time at {100 * request.mfu:g}% MFU of {request.gpu} dense bf16 peak, training's FLOPs "
@@ -281,7 +305,7 @@ def assumptions(request: PlanRequest, no_table: bool, fraction: float, fraction_
 
 
 
-def suggestions(config, plan: dict, shape, micro, rates: dict, mask: float, budget: float) -> list[str]:
+def suggestions(config, plan: dict, micro, rates: dict, mask: float, budget: float, loss_model) -> list[str]:
     """What to change, each with the per-GPU total it gives (re-computed, not guessed)."""
     rows = plan["scenarios"]
     own = next(r for r in rows if r["recipe"])
@@ -305,10 +329,13 @@ def suggestions(config, plan: dict, shape, micro, rates: dict, mask: float, budg
         with_gc = base + activation_bytes(rates[True], micro.positions, micro.crops, mask)
         out.append(f"gradient_checkpointing=true: {with_gc / gib:.1f} GiB per GPU")
     loss = plan["loss"]
-    if not loss["chunk_tokens"] and loss["bytes"] > 0.05 * budget:
-        chunked = memory.loss_bytes(loss["supervised_tokens"], loss["vocab"], 1024)
-        out.append(f"chunked loss (1024 tokens a chunk): loss {loss['bytes'] / gib:.1f} -> {chunked / gib:.1f} GiB, "
-                   f"total {(own['gpu_total'] - loss['bytes'] + chunked) / gib:.1f} GiB (--loss-chunk 1024)")
+    if loss["runs"] == "full" and loss["bytes"] > 0.05 * budget:
+        default = loss_model.with_settings("auto")  # training's default: chunked above the default threshold
+        if default.implementation(loss["supervised_tokens"]) != "full":
+            chunked = default.peak(loss["supervised_tokens"], own["head_weight_bytes"])
+            out.append(f"chunked loss (optim.loss_impl=auto optim.loss_chunk_tokens={default.settings.chunk_tokens}):"
+                       f" loss {loss['bytes'] / gib:.1f} -> {chunked / gib:.1f} GiB, "
+                       f"total {(own['gpu_total'] - loss['bytes'] + chunked) / gib:.1f} GiB")
     if not own["fits"]:
         for row in rows:
             if row is not own and row["gpu_total"] < own["gpu_total"]:

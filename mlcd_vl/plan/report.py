@@ -52,9 +52,9 @@ def render(plan: dict) -> str:
         out.append(f"(micro-batch figures include the padded batch's 4D attention mask: {gib(acts['attention_mask'])} "
                    "GiB)")
     loss = plan["loss"]
-    out += [f"loss: {loss['supervised_tokens']:,.0f} supervised tokens x {loss['vocab']:,} vocabulary x "
-            f"{loss['bytes_per_logit']} B = {gib(loss['bytes'])} GiB"
-            + (f" (chunks of {loss['chunk_tokens']} tokens)" if loss["chunk_tokens"] else " (unchunked)"), ""]
+    other = ("chunked", loss["chunked_bytes"]) if loss["runs"] == "full" else ("full logits", loss["full_bytes"])
+    out += [f"loss: {loss['supervised_tokens']:,.0f} supervised tokens x {loss['vocab']:,} vocabulary, "
+            f"{loss['how']}: {gib(loss['bytes'])} GiB ({other[0]} would be {gib(other[1])} GiB)", ""]
 
     scenarios = plan["scenarios"]
     header = ["per GPU, GiB"] + [s["scenario"] + (" *" if s["recipe"] else "") for s in scenarios]
