@@ -109,7 +109,7 @@ def main(argv: list[str] | None = None) -> int:
                            notes)
     path = common.result_path(args.out, "plan_recipes")
     common.write_result(path, header + lines)
-    path.with_suffix(".json").write_text(json.dumps(plans, indent=2))
+    common.write_json(path, plans)
     return 0
 
 

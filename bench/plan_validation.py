@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     path = common.result_path(args.out, "plan_validation")
     common.write_result(path, report(cases, common.command_line("plan_validation.py", argv), load_before,
                                      activations))
-    path.with_suffix(".json").write_text(json.dumps({"cases": cases, "activations": activations}, indent=2))
+    common.write_json(path, {"cases": cases, "activations": activations})
     return 0 if all(row["within"] for case in cases for row in case["ranks"]) else 1
 
 
