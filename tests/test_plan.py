@@ -328,7 +328,11 @@ def test_cli_prints_tables_and_json(capsys):
     plan = json.loads(capsys.readouterr().out)
     assert plan["cluster"]["gpus"] == 2 and {row["stage"] for row in plan["scenarios"]} == {0, 1, 2, 3}
     assert main(["plan", str(RECIPES / "tiny_stage2.yaml"), "--gpus", "3", "--nodes", "2"]) == 2
-    assert "--gpus 3 must be a positive multiple of --nodes 2" in capsys.readouterr().err
+    assert capsys.readouterr().err == "mlcd-vl plan: error: --gpus 3 must be a positive multiple of --nodes 2\n"
+    assert main(["plan", str(RECIPES / "tiny_stage2.yaml"), "--gpus", "2", "--lengths", "missing.npz"]) == 2
+    assert capsys.readouterr().err.count("\n") == 1  # one line naming the file, no traceback
+    assert main(["plan", str(RECIPES / "tiny_stage2.yaml"), "optim.loss_impl=fused", "--gpus", "2"]) == 2
+    assert "optim.loss_impl" in capsys.readouterr().err
 
 
 def test_parser_module_imports_no_torch():

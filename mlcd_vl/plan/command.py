@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import sys
 
 GPU_TYPES = ("H100", "H200", "A100")
 
@@ -52,10 +51,10 @@ def run(args: argparse.Namespace) -> int:
 
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    from mlcd_vl.plan.model_size import PlanInputError
+    from mlcd_vl.errors import UsageError, first_line
     from mlcd_vl.plan.planner import DEFAULT_RESERVE_GIB, PlanRequest, make_plan
     from mlcd_vl.plan.report import render
-    from mlcd_vl.train.config import ConfigError, load_config
+    from mlcd_vl.train.config import load_config
 
     request = PlanRequest(gpus=args.gpus, nodes=args.nodes, gpu=args.gpu, gpu_memory_gib=args.gpu_memory,
                           mfu=args.mfu, lengths=args.lengths,
@@ -66,8 +65,9 @@ def run(args: argparse.Namespace) -> int:
     try:
         config = load_config(args.recipe, args.overrides)
         plan = make_plan(config, request, recipe=args.recipe, overrides=tuple(args.overrides))
-    except (ConfigError, PlanInputError, ValueError, FileNotFoundError) as error:
-        print(f"mlcd-vl plan: {error}", file=sys.stderr)
-        return 2
+    except (ValueError, FileNotFoundError) as error:  # a bad cluster option, loss setting or file: one line, exit 2
+        if isinstance(error, UsageError):  # a recipe key (ConfigError) or a model (PlanInputError)
+            raise
+        raise UsageError(first_line(error)) from None
     print(json.dumps(plan, indent=2) if args.json else render(plan))
     return 0

@@ -13,12 +13,13 @@ import os
 import tempfile
 from dataclasses import dataclass, field
 
+from mlcd_vl.errors import UsageError
 from mlcd_vl.plan import architectures
 
 PARTS = ("vision_tower", "projector", "language_model")
 
 
-class PlanInputError(ValueError):
+class PlanInputError(UsageError, ValueError):
     """A recipe whose models cannot be sized here; the message names the model."""
 
 
