@@ -66,7 +66,10 @@ ROPE_FP32_SAVED = 4  # MLCD's rotary embedding: q, k, rotate_half(q), rotate_hal
 HOST_BUILD_BYTES_PER_PARAM_RESIDENT = 4.1
 HOST_BUILD_BYTES_PER_PARAM_PEAK = 6.1
 HOST_FINAL_SAVE_BYTES_PER_PARAM = 5.4  # ZeRO-3 final save: the consolidated fp32 state on the main process
-HOST_BYTES_PER_RECORD = 3.5 * GIB / 1e6  # JsonRecords kept per rank: 3.5 GiB per 1M records (issue 14)
+# Records read through the cached JSON index (data/json_index.py): each rank keeps the offsets and the length
+# table, ~75 MiB per 1M records (bench/results/data_startup_*: USS added per rank, cached index); the data file
+# itself is memory-mapped page cache shared by the node's ranks, not counted per rank.
+HOST_BYTES_PER_RECORD = 75 * 2**20 / 1e6
 
 
 def loss_bytes(supervised_tokens: float, vocab: int) -> float:
