@@ -35,7 +35,7 @@ WALL_LIMIT_S = {"quick": 240, "full": 360}
 MKL_ISA = {"default": "SSE4_2", "avx2": "AVX2", "avx512": "AVX512"}
 
 
-def run_demo(plan: str, seed: int, threads: int, workdir: Path, capability: str | None) -> dict:
+def run_demo(plan: str, seed: int, threads: int, workdir: Path, capability: str | None, parallel: int) -> dict:
     """One demo run in a fresh process; its results.json plus the command's own wall time."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
@@ -52,8 +52,15 @@ def run_demo(plan: str, seed: int, threads: int, workdir: Path, capability: str 
                            f"\n{done.stderr[-3000:]}")
     results = json.loads((workdir / "results.json").read_text())
     return {"plan": plan, "seed": seed, "threads": threads, "capability": capability or "native", "wall_s": wall,
+            "parallel": parallel,
             "scores": {s: v["accuracy"] for s, v in results["scores"].items()}, "n": results["plan"]["heldout_per_skill"],
             "stage_s": results["wall_seconds"]}
+
+
+def cpu_capability() -> str:
+    import torch
+
+    return torch.backends.cpu.get_cpu_capability()
 
 
 def chance_levels() -> dict[str, float]:
@@ -63,8 +70,8 @@ def chance_levels() -> dict[str, float]:
 
 
 def table(runs: list[dict], chance: dict[str, float]) -> list[str]:
-    lines = ["| plan | seed | threads | kernels | " + " | ".join(SKILLS) + " | wall |",
-             "|---|---:|---:|---|" + "---:|" * len(SKILLS) + "---:|"]
+    lines = ["| plan | seed | threads | kernels | " + " | ".join(SKILLS) + " | wall | runs at once |",
+             "|---|---:|---:|---|" + "---:|" * len(SKILLS) + "---:|---:|"]
     for run in runs:
         cells = []
         for skill in SKILLS:
@@ -72,7 +79,7 @@ def table(runs: list[dict], chance: dict[str, float]) -> list[str]:
             low = skill in BARS[run["plan"]] and value < chance[skill] + MARGIN
             cells.append(f"{'**' if low else ''}{100 * value:.1f}%{'**' if low else ''}")
         lines.append(f"| {run['plan']} | {run['seed']} | {run['threads']} | {run['capability']} | "
-                     + " | ".join(cells) + f" | {run['wall_s']:.0f} s |")
+                     + " | ".join(cells) + f" | {run['wall_s']:.0f} s | {run.get('parallel', 1)} |")
     return lines
 
 
@@ -98,16 +105,19 @@ def summary(runs: list[dict], chance: dict[str, float]) -> tuple[list[str], bool
             ok &= passed
             lines.append(f"- {plan}, {skill}: worst {100 * worst:.1f}% vs bar {100 * bar:.1f}% (chance "
                          f"{100 * chance[skill]:.1f}% + {100 * MARGIN:.0f} points): {'met' if passed else 'MISSED'}")
-        slowest = max(run["wall_s"] for run in mine)
-        lines.append(f"- {plan}, wall time: slowest {slowest:.0f} s vs limit {WALL_LIMIT_S[plan]} s: "
-                     f"{'met' if slowest < WALL_LIMIT_S[plan] else 'MISSED'}")
+        alone = [run["wall_s"] for run in mine if run.get("parallel", 1) == 1]  # concurrent runs share the cores
+        if alone:
+            lines.append(f"- {plan}, wall time of a run alone: slowest {max(alone):.0f} s vs limit "
+                         f"{WALL_LIMIT_S[plan]} s: {'met' if max(alone) < WALL_LIMIT_S[plan] else 'MISSED'}")
+        else:
+            lines.append(f"- {plan}, wall time: not judged (no run alone; limit {WALL_LIMIT_S[plan]} s)")
     return lines, ok
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plans", default="quick,full", help="comma-separated demo plans (default quick,full)")
+    parser.add_argument("--plans", default="quick,full", help="comma-separated demo plans (default quick,full; \"\" runs none and reports the --include runs)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated data seeds (default 0,1,2,3,4)")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
     parser.add_argument("--cpu-capability", default=None, choices=("default", "avx2", "avx512"),
@@ -121,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="runs of earlier invocations (the .json written next to each result file) to report "
                              "together with this one's, so a long grid can run in parts")
     args = parser.parse_args(argv)
-    plans = [p for p in args.plans.split(",") if p]
+    plans = [p for p in args.plans.split(",") if p]  # none: only report the --include runs together
     unknown = set(plans) - set(BARS)
     if unknown:
         parser.error(f"unknown plan(s) {sorted(unknown)}; use quick and/or full")
@@ -134,8 +144,8 @@ def main(argv: list[str] | None = None) -> int:
     partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="demo-robustness-") as scratch, \
             ThreadPoolExecutor(max_workers=max(1, args.parallel)) as pool:
-        futures = [pool.submit(run_demo, plan, seed, t, Path(scratch) / f"{plan}-s{seed}-t{t}", args.cpu_capability)
-                   for plan, seed, t in cells]
+        futures = [pool.submit(run_demo, plan, seed, t, Path(scratch) / f"{plan}-s{seed}-t{t}", args.cpu_capability,
+                               args.parallel) for plan, seed, t in cells]
         for (plan, seed, t), future in zip(cells, futures):
             run = future.result()
             runs.append(run)
@@ -145,11 +155,14 @@ def main(argv: list[str] | None = None) -> int:
                   + f" ({run['wall_s']:.0f} s)", flush=True)
     chance = chance_levels()
     summary_lines, ok = summary(runs, chance)
-    extra = [f"runs: plans {','.join(plans)} x seeds {args.seeds} x threads {args.threads}, "
-             f"kernels {args.cpu_capability or 'native (this CPU)'}, {args.parallel} at a time"
-             + ("" if args.parallel == 1 else " (wall times are of concurrent runs, not of a run alone)")
+    extra = [(f"runs: plans {','.join(plans)} x seeds {args.seeds} x threads {args.threads}, "
+              f"kernels {args.cpu_capability or 'native (this CPU)'}, {args.parallel} at a time"
+              + ("" if args.parallel == 1 else " (wall times are of concurrent runs, not of a run alone)")
+              if cells else "no new runs")
              + (f"; with {sum(len(json.loads(Path(p).read_text())) for p in args.include)} earlier run(s) from "
                 + ", ".join(Path(p).name for p in args.include) if args.include else ""),
+             "kernels: native = this CPU's best (torch.backends.cpu.get_cpu_capability(): "
+             f"{cpu_capability()}), default = ATen's unvectorised kernels with MKL held to SSE4.2 (an older CPU's path)",
              "held-out accuracy is lmms-eval's ChartQA relaxed accuracy on images never seen in training; bold "
              f"marks a promised skill below chance + {100 * MARGIN:.0f} points"]
     lines = header("CPU demo robustness", command_line("demo_robustness.py", argv), load_before, extra)

@@ -133,6 +133,10 @@ def test_demo_robustness_summary_names_a_missed_bar(bench):
     lines, ok = robustness.summary(good + [run("full", 1, 1.0, 0.5)], chance)  # full also promises the chart
     assert not ok and "- full, chart: worst 50.0% vs bar 55.0% (chance 25.0% + 30 points): MISSED" in lines
     assert "**50.0%**" in "\n".join(robustness.table([run("full", 1, 1.0, 0.5)], chance))
+    slow_pair = [run("quick", 0, 1.0, 0.3) | {"wall_s": 500.0, "parallel": 2}]  # two at once share the cores
+    assert "- quick, wall time: not judged (no run alone; limit 240 s)" in robustness.summary(slow_pair, chance)[0]
+    lines, _ = robustness.summary(slow_pair + [run("quick", 1, 1.0, 0.3) | {"wall_s": 250.0}], chance)
+    assert "- quick, wall time of a run alone: slowest 250 s vs limit 240 s: MISSED" in lines
 
 
 def gpu_acceptance_phases(out: Path) -> dict:
