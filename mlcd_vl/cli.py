@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("mlcd_vl.train.run", "train a VLM from a recipe (stage 1 projector, stage 2 full)"),
     "plan": ("mlcd_vl.plan.command", "GPU / host memory, steps and time a recipe needs, before it runs"),
     "eval": ("mlcd_vl.eval.cli", "evaluate with lmms-eval: summarize results, synthetic sets, offline tasks"),
+    "study": ("mlcd_vl.study.run", "the encoder study: train and evaluate each tower the same way, one table"),
     "chat": ("mlcd_vl.serve.cli_chat", "multi-turn terminal chat with images and streaming"),
     "web": ("mlcd_vl.serve.web", "the Gradio web demo"),
     "serve": ("mlcd_vl.serve.api", "an OpenAI-compatible HTTP API (binds 127.0.0.1 by default)"),

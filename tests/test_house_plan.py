@@ -8,10 +8,10 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "mlcd_vl"
 FLOORS = {"vocab": 0, "console": 0, "errors": 0, "presets": 1, "assets": 1, "model": 2, "data": 3, "train": 4,
-          "serve": 4, "eval": 4, "plan": 4, "demo": 5, "cli": 6}
+          "serve": 4, "eval": 4, "plan": 4, "demo": 5, "study": 5, "cli": 6}
 # (importer, imported) on one floor: the lmms-eval adapter runs the serving engine; the planner reads the recipe,
-# the optimizer groups, the sampler and the DeepSpeed JSON as training makes them.
-SIBLINGS = {("eval", "serve"), ("plan", "train")}
+# the optimizer groups, the sampler and the DeepSpeed JSON as training makes them; the CPU study the demo's stages.
+SIBLINGS = {("eval", "serve"), ("plan", "train"), ("study", "demo")}
 
 
 def module_names() -> dict[str, Path]:
@@ -76,10 +76,13 @@ def test_no_import_runs_up_the_house():
     assert upward == []
 
 
-def test_only_the_cli_reaches_the_demo_and_nothing_imports_the_cli():
+def test_only_the_cli_reaches_the_demo_and_the_study_and_nothing_imports_the_cli():
     from mlcd_vl.cli import COMMANDS
 
     graph = import_graph()
-    assert {s for s, targets in graph.items() for t in targets if area(t) == "demo" and area(s) != "demo"} == set()
+    wings = {"demo": {"demo", "study"}, "study": {"study"}}  # the study runs the demo's stages; nothing else may
+    assert {s for s, targets in graph.items() for t in targets
+            if area(t) in wings and area(s) not in wings[area(t)]} == set()
     assert COMMANDS["demo"][0] == "mlcd_vl.demo.run"  # the CLI loads its subcommands by name
+    assert COMMANDS["study"][0] == "mlcd_vl.study.run"
     assert not {s for s, targets in graph.items() if "mlcd_vl.cli" in targets}

@@ -1,6 +1,7 @@
 """Seeded synthetic data for the CPU demo, in the formats the real pipeline reads.
 
     write_playground(out, train_images=2400, heldout_per_skill=60, seed=0) -> PlaygroundData
+    read_playground(out) -> PlaygroundData        # what an earlier write_playground(out, ...) left
     python -m mlcd_vl.demo.playground OUT [--train-images 2400] [--heldout-per-skill 60] [--seed 0]
 
 Layout under `out`:
@@ -296,6 +297,17 @@ def write_playground(out: str | Path, train_images: int = 2400, heldout_per_skil
              "heldout_json": paths.heldout_json.name, "heldout": {s: f"heldout/{p.name}" for s, p in heldout.items()}}
     (out / "playground.json").write_text(json.dumps({**info, "files": files}, indent=2) + "\n")
     return paths
+
+
+def read_playground(out: str | Path) -> PlaygroundData:
+    """The data an earlier `write_playground(out, ...)` left (its `playground.json` says where each file is)."""
+    out = Path(out)
+    info = json.loads((out / "playground.json").read_text())
+    files = info.pop("files")
+    corpus = (out / "corpus.txt").read_text().splitlines()
+    return PlaygroundData(out, out / files["images"], out / files["captions"], out / files["chat"],
+                          {skill: out / path for skill, path in files["heldout"].items()}, out / files["heldout_json"],
+                          corpus, info)
 
 
 def main() -> None:

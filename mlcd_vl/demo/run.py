@@ -27,7 +27,7 @@ from pathlib import Path
 
 from mlcd_vl.demo.plan import PLANS, REQUIRED_SKILLS, DemoPlan, demo_shapes
 from mlcd_vl.demo.report import Timer, results_table, try_next, write_report
-from mlcd_vl.demo.stages import REPO, chat, child_env, evaluate, train_stage
+from mlcd_vl.demo.stages import chat, child_env, default_launcher, evaluate, train_stage
 
 DEFAULT_WORKDIR = Path("runs") / "demo"
 
@@ -79,10 +79,7 @@ def run(args: argparse.Namespace) -> int:
         shutil.rmtree(workdir)
     (workdir / "logs").mkdir(parents=True)
     env = child_env(threads)
-    launcher = args.launcher
-    if launcher == "auto":
-        have_scripts = all((REPO / "scripts" / name).is_file() for name in ("pretrain.sh", "finetune.sh"))
-        launcher = "scripts" if have_scripts else "module"
+    launcher = default_launcher(args.launcher)
     timer = Timer()
     total = 6
     print(f"MLCD-VL CPU demo ({mode}): run folder {workdir}"

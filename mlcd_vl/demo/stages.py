@@ -66,27 +66,43 @@ def run_logged(command: list[str], env: dict, log: Path, cwd: Path | None = None
                            f"(log: {log})")
 
 
-def train_stage(stage: int, workdir: Path, overrides: list[str], launcher: str, env: dict) -> Path:
-    """One training stage through the recipe code path; returns its output folder."""
-    recipe = RECIPES / f"demo_stage{stage}.yaml"
-    out = workdir / f"stage{stage}"
-    overrides = [*overrides, f"output_dir={out}"]
+def launch_training(stage: int, recipe: Path, overrides: list[str], launcher: str, env: dict, log: Path,
+                    num_gpus: int = 1) -> None:
+    """One training stage through the recipe code path a GPU run uses: `scripts/pretrain.sh` (stage 1) or
+    `scripts/finetune.sh` (stage 2) with NUM_GPUS and RECIPE (launcher "scripts"), or `python -m mlcd_vl.train`
+    (launcher "module", one process: an installed package has no scripts/)."""
     script = REPO / "scripts" / ("pretrain.sh" if stage == 1 else "finetune.sh")
     if launcher == "scripts":
         if not script.is_file():
             raise RuntimeError(f"--launcher scripts: {script} not found (an installed package has no scripts/)")
-        import socket
-
-        with socket.socket() as probe:  # a free rendezvous port: other runs may hold torchrun's default
-            probe.bind(("127.0.0.1", 0))
-            port = probe.getsockname()[1]
         command = ["bash", str(script), *overrides]
-        env = dict(env, NUM_GPUS="1", RECIPE=str(recipe), MASTER_PORT=str(port), PYTHON=sys.executable)
+        env = dict(env, NUM_GPUS=str(num_gpus), RECIPE=str(recipe), PYTHON=sys.executable)
+        if "MASTER_PORT" not in os.environ and int(env.get("NNODES", "1")) == 1:
+            import socket
+
+            with socket.socket() as probe:  # a free rendezvous port: other runs may hold torchrun's default
+                probe.bind(("127.0.0.1", 0))
+                env["MASTER_PORT"] = str(probe.getsockname()[1])
     else:
         command = [sys.executable, "-m", "mlcd_vl.train", str(recipe), *overrides]
-    run_logged(command, env, workdir / "logs" / f"stage{stage}.log", cwd=REPO if launcher == "scripts" else None)
+    run_logged(command, env, log, cwd=REPO if launcher == "scripts" else None)
+
+
+def default_launcher(launcher: str) -> str:
+    """`auto` -> "scripts" in a repository checkout (scripts/pretrain.sh and finetune.sh present), else "module"."""
+    if launcher != "auto":
+        return launcher
+    have_scripts = all((REPO / "scripts" / name).is_file() for name in ("pretrain.sh", "finetune.sh"))
+    return "scripts" if have_scripts else "module"
+
+
+def train_stage(stage: int, workdir: Path, overrides: list[str], launcher: str, env: dict) -> Path:
+    """One training stage of the demo with its recipe (`recipes/demo_stage<N>.yaml`); returns its output folder."""
+    out = workdir / f"stage{stage}"
+    launch_training(stage, RECIPES / f"demo_stage{stage}.yaml", [*overrides, f"output_dir={out}"], launcher, env,
+                    workdir / "logs" / f"stage{stage}.log")
     print(f"(on GPUs: NUM_GPUS=8 RECIPE=configs/recipes/mlcd_bigG448_stage{stage}.yaml "
-          f"scripts/{script.name} data.train=... runs the same code)")
+          f"scripts/{'pretrain.sh' if stage == 1 else 'finetune.sh'} data.train=... runs the same code)")
     return out
 
 

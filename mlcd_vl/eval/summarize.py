@@ -12,12 +12,13 @@ table (the CPU demo's skills, your own tasks) get a table of their own with ever
 from __future__ import annotations
 
 import json
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from mlcd_vl.errors import UsageError
 from mlcd_vl.eval import MODEL_ID
+from mlcd_vl.eval import compare
+from mlcd_vl.eval.compare import checkpoint_template, lmms_eval_version, parse_model_args
 from mlcd_vl.eval.generation import effective_generation
 from mlcd_vl.eval.tasks import BENCHMARKS, Benchmark, benchmark_for_task
 
@@ -32,6 +33,17 @@ PUBLISHED: list[tuple[str, dict[str, float]]] = [
     ("MLCD (ViT-bigG-14-336px)", dict(ChartQA=71.07, DocVQA=79.63, InfoVQA=44.38, OCRBench=572, MMMU=46.78)),
     ("MLCD (ViT-bigG-14-448px)", dict(ChartQA=73.80, DocVQA=83.34, InfoVQA=46.59, OCRBench=582, MMMU=46.00)),
 ]
+
+#: The tower preset (`mlcd_vl.presets.TOWERS`) behind each published row, for tables that set ours beside theirs.
+PUBLISHED_TOWERS = {"clip-vitL-336": "CLIP (ViT-L-14-336px)", "siglip-so400m-384": "SigLIP (ViT-SO400M-384px)",
+                    "dfn5b-vitH-378": "DFN5B (ViT-H-14-378px)", "mlcd-vitL-336": "MLCD (ViT-L-14-336px)",
+                    "mlcd-bigG-336": "MLCD (ViT-bigG-14-336px)", "mlcd-bigG-448": "MLCD (ViT-bigG-14-448px)"}
+
+
+def published_row(tower: str) -> tuple[str, dict[str, float]] | None:
+    """(row name, scores) of the published table for a tower preset name, or None for a tower it does not have."""
+    name = PUBLISHED_TOWERS.get(tower)
+    return next(((n, row) for n, row in PUBLISHED if n == name), None)
 
 
 class SummaryError(UsageError, ValueError):
@@ -57,6 +69,7 @@ class Run:
     lmms_eval_version: str
     template: str
     batch_size: str
+    label: str = ""  # the row's name in the table; default: the model and its checkpoint folder's name
     scores: dict[str, Score] = field(default_factory=dict)
     other_tasks: list[str] = field(default_factory=list)
     other_scores: dict[str, "OtherScore"] = field(default_factory=dict)  # task -> its metrics, as recorded
@@ -91,49 +104,6 @@ def find_results(paths: list[str | Path]) -> list[Path]:
         else:
             raise SummaryError(f"{path}: no such file or folder")
     return found
-
-
-def parse_model_args(text: str | dict | None) -> dict:
-    """lmms-eval's `k=v,k2=v2` model_args as a dict of strings."""
-    if isinstance(text, dict):
-        return {k: str(v) for k, v in text.items()}
-    pairs = [part.split("=", 1) for part in (text or "").split(",") if "=" in part]
-    return {k.strip(): v.strip() for k, v in pairs}
-
-
-def installed_lmms_eval_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("lmms_eval")
-    except PackageNotFoundError:
-        return "not installed"
-
-
-def lmms_eval_version(recorded: str | None) -> str:
-    """The results file's version when it is a release number; lmms-eval writes `branch@commit` of whatever git
-    repository surrounds it (or unknown@unknown), so otherwise take the installed one and say so."""
-    if recorded and re.fullmatch(r"v?\d+\.\d+(\.\d+)?\S*", recorded):
-        return recorded
-    return f"{installed_lmms_eval_version()} (installed here; the file records {recorded!r})"
-
-
-def checkpoint_template(model_args: dict) -> str:
-    """The template the adapter used: conv_template=, else the checkpoint's (or its converted copy's) config."""
-    if model_args.get("conv_template"):
-        return model_args["conv_template"]
-    pretrained = model_args.get("pretrained")
-    if not pretrained:
-        return "unknown"
-    source = Path(pretrained).expanduser()
-    for folder in (source, source.parent / f"{source.name}.mlcd-hf"):
-        config = folder / "config.json"
-        if config.is_file():
-            data = json.loads(config.read_text())
-            template = (data.get("mlcd_vl") or {}).get("template")
-            if template:
-                return template
-    return "unknown (checkpoint not readable here)"
 
 
 def _samples(results_path: Path, task: str) -> list[dict] | None:
@@ -222,6 +192,8 @@ def _number(value: float | None, benchmark_name: str) -> str:
 
 
 def _run_label(run: Run) -> str:
+    if run.label:
+        return run.label
     pretrained = parse_model_args(run.model_args).get("pretrained")
     return f"{run.model}: {Path(pretrained).name}" if pretrained else run.model
 
@@ -285,9 +257,48 @@ def render(runs: list[Run], warnings: list[str], published: bool = True) -> str:
 
 
 def summarize_paths(paths: list[str | Path], published: bool = True) -> Summary:
+    """One row per path given: a results file, or a run folder whose results files (searched recursively: e.g.
+    an eval.sh output folder, or a training run folder with its evaluations inside) make one row together. The
+    rows' scoring settings are compared (`compare`): each setting that differs between rows is a warning and a
+    table under the scores."""
     warnings: list[str] = []
-    runs = [read_run(path, warnings) for path in find_results(paths)]
-    return Summary(runs, warnings, render(runs, warnings, published))
+    groups = [(Path(path), find_results([path])) for path in paths]
+    runs = [merge_runs(path, [read_run(file, warnings) for file in files], warnings) for path, files in groups]
+    labels = [_run_label(run) for run in runs]
+    if len(set(labels)) < len(labels):  # e.g. every tower's checkpoint folder is called stage2: name the paths
+        for run, path in zip(runs, paths):
+            run.label = str(path)
+    rows = [compare.row_settings(files, f"[{number}]") for number, (_, files) in enumerate(groups, start=1)]
+    warnings += compare.compare(rows)
+    markdown = render(runs, warnings, published)
+    if len(rows) > 1:
+        markdown += "\n## Scoring settings across rows\n\n" + compare.render_differences(rows)
+    return Summary(runs, warnings, markdown)
+
+
+def merge_runs(path: Path, runs: list[Run], warnings: list[str]) -> Run:
+    """The results files of one run folder as one row (files in name order, i.e. by lmms-eval's date stamp: a
+    benchmark scored twice keeps the later score, with a warning)."""
+    if len(runs) == 1:
+        return runs[0]
+    merged = Run(path=path, model=runs[-1].model, model_args=runs[-1].model_args,
+                 lmms_eval_version=runs[-1].lmms_eval_version, template=runs[-1].template,
+                 batch_size=runs[-1].batch_size)
+    if len({run.model_args for run in runs}) > 1:
+        warnings.append(f"{path}: its results files score different models or model_args "
+                        f"({'; '.join(sorted({run.model_args for run in runs}))}); they make one row here")
+    for run in runs:
+        for name, value in vars(run).items():  # every collection a row holds (scores, other tasks, ...)
+            target = getattr(merged, name)
+            if isinstance(value, dict):
+                repeated = set(target) & set(value)
+                if name == "scores" and repeated:
+                    warnings.append(f"{path}: {', '.join(sorted(repeated))} scored in more than one results file; "
+                                    f"the row shows {run.path.name}'s")
+                target.update(value)
+            elif isinstance(value, list):
+                target.extend(v for v in value if v not in target)
+    return merged
 
 
 def check_results(paths: list[str | Path], tasks: list[str]) -> list[str]:

@@ -1,0 +1,135 @@
+"""What a study reports per tower, read back from the run folders (never from the study's own memory):
+
+* training tokens/s of each stage: real tokens over wall seconds of every logged window in `metrics.jsonl`
+  (sum of tokens_per_s x step_seconds over the sum of step_seconds: a token-weighted mean over the run);
+* visual tokens per sample of each stage: the mean over the records the run trained on (the valid records of its
+  length table `lengths.npz`) of the `<image>` tokens training's own label builder gives them (`measure`: image
+  headers, `anyres.image_layout`), over all of them or a seeded sample of `sample` records (stated in the table);
+* the data manifest's hash (`data_manifest.json`, written by training), and the manifests' differences between
+  towers (`data.manifest.diff`);
+* the scores: the MLCD benchmarks through `eval.summarize` (the paper's units), other tasks (the CPU study's demo
+  skills) as their recorded `relaxed_overall` x100.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+DEMO_TASK_PREFIX = "mlcd_demo_"  # the demo's held-out tasks (demo.stages.LMMS_TASK_PREFIX), one per skill
+DEMO_METRIC = "relaxed_overall"
+
+
+@dataclass
+class VisualTokens:
+    mean: float
+    measured: int  # records measured
+    records: int  # records the run trained on
+    unreadable: int = 0  # records of the run that fail to load now (left out of the mean, named in the table)
+
+    def describe(self) -> str:
+        text = f"{self.mean:.0f}" + ("" if self.measured == self.records else f" ({self.measured} of {self.records})")
+        return text + (f", {self.unreadable} unreadable now" if self.unreadable else "")
+
+
+@dataclass
+class StageFacts:
+    manifest_hash: str
+    tokens_per_s: float | None
+    visual_tokens: VisualTokens | None
+    wall_seconds: float
+
+
+@dataclass
+class TowerFacts:
+    key: str
+    label: str
+    stages: dict[int, StageFacts]
+    eval_seconds: float
+    scores: dict[str, float]  # column -> value (paper units; demo skills in %)
+    documents: dict[str, int] = field(default_factory=dict)
+    results_files: list[Path] = field(default_factory=list)
+
+    @property
+    def wall_seconds(self) -> float:
+        return sum(s.wall_seconds for s in self.stages.values()) + self.eval_seconds
+
+
+def training_tokens_per_s(metrics_file: Path) -> float | None:
+    """Real (non-padding) tokens per second over the whole run, from its metrics.jsonl."""
+    tokens = seconds = 0.0
+    for line in Path(metrics_file).read_text().splitlines():
+        if not line.strip():
+            continue
+        record = json.loads(line)
+        rate, spent = record.get("tokens_per_s"), record.get("step_seconds")
+        if isinstance(rate, (int, float)) and isinstance(spent, (int, float)) and math.isfinite(rate):
+            tokens, seconds = tokens + rate * spent, seconds + spent
+    return tokens / seconds if seconds else None
+
+
+def manifest_hash(stage_folder: Path) -> str:
+    from mlcd_vl.data.manifest import Manifest
+
+    return Manifest.load(Path(stage_folder) / "data_manifest.json").hash
+
+
+def manifest_differences(first: Path, second: Path) -> list[str]:
+    """`data.manifest.diff` of two stage folders' manifests (empty: the same data)."""
+    from mlcd_vl.data.manifest import Manifest, diff
+
+    return diff(Manifest.load(Path(first) / "data_manifest.json"), Manifest.load(Path(second) / "data_manifest.json"))
+
+
+def visual_tokens_per_sample(stage_folder: Path, launch_dir: Path, sample: int = 2000, seed: int = 0) -> VisualTokens:
+    """Mean `<image>` tokens per trained record of a finished stage (see the module docstring). `launch_dir`: the
+    folder the stage was launched from, which relative data paths in its recipe are relative to."""
+    from transformers import AutoTokenizer
+
+    from mlcd_vl.data.dataset import LengthTable, SupervisedDataset
+    from mlcd_vl.data.samples import SampleStats
+    from mlcd_vl.model.build import prepare_tokenizer
+    from mlcd_vl.model.checkpoint import read_settings
+    from mlcd_vl.train.config import RESOLVED_CONFIG_FILE, load_config
+    from mlcd_vl.train.run import LENGTHS_FILE
+
+    folder = Path(stage_folder).resolve()
+    config = load_config(folder / RESOLVED_CONFIG_FILE)
+    settings = read_settings(folder)
+    tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder), config.model.template)
+    valid = LengthTable.load(str(folder / LENGTHS_FILE)).valid
+    chosen = valid if len(valid) <= sample else np.sort(np.random.default_rng(seed).choice(valid, sample, False))
+    with contextlib.chdir(launch_dir):
+        dataset = SupervisedDataset.from_config(config.data, tokenizer, settings, seed=config.seed)
+        measured = [dataset.measure(int(index)) for index in chosen]
+    counts = [sum(stats.visual_tokens) for stats in measured if isinstance(stats, SampleStats)]
+    return VisualTokens(float(np.mean(counts)) if counts else 0.0, len(counts), len(valid), len(chosen) - len(counts))
+
+
+def scores_of(eval_folder: Path, results_files: list[Path]) -> tuple[dict[str, float], dict[str, int], list[str]]:
+    """(column -> score, column -> documents, summarize's warnings) from a tower's evaluation: MLCD benchmarks in
+    the paper's units (`eval.summarize`), the demo's skills as relaxed accuracy x100."""
+    from mlcd_vl.eval.summarize import merge_runs, read_run
+    from mlcd_vl.eval.tasks import benchmark_for_task
+
+    scores, documents, warnings, benchmarks = {}, {}, [], False
+    for path in results_files:
+        data = json.loads(Path(path).read_text())
+        for task, metrics in (data.get("results") or {}).items():
+            benchmarks |= benchmark_for_task(task) is not None
+            if task.startswith(DEMO_TASK_PREFIX):
+                skill = task[len(DEMO_TASK_PREFIX):]
+                scores[skill] = 100.0 * float(metrics[f"{DEMO_METRIC},none"])
+                documents[skill] = int(((data.get("n-samples") or {}).get(task) or {}).get("effective", 0))
+    if benchmarks:
+        run = merge_runs(Path(eval_folder), [read_run(Path(p), warnings) for p in results_files], warnings)
+        for column, score in run.scores.items():
+            if score.value is not None:
+                scores[column] = score.value
+                documents[column] = score.documents or 0
+    return scores, documents, warnings
