@@ -226,3 +226,13 @@ def test_gpu_acceptance_sharded_init_phase_builds_the_same_weights(bench, tmp_pa
     assert phase["status"] == "pass", phase["summary"]
     checksum = next(c for c in phase["checks"] if "checksum" in c["name"])
     assert checksum["value"] == 0.0 and phase["data"]["whole"]["params"] == phase["data"]["partitioned"]["params"]
+
+
+def test_study_cost_estimate_counts_the_real_architectures(bench, tmp_path):
+    bench("study_cost").main(["--out", str(tmp_path)])
+    text = only_result(tmp_path, "study_cost", "estimate")
+    assert "ESTIMATED" in text and "Qwen2.5-7B-Instruct: 7.62B parameters" in text
+    # parameter counts of the real towers (meta device) and their crops' tokens (CLS dropped; SigLIP has none)
+    for row in ("| clip-vitL-336 | 304M | 576 /", "| siglip-so400m-384 | 428M | 729 /", "| dfn5b-vitH-378 | 631M | 729 /",
+                "| mlcd-bigG-336 | 1842M | 576 /", "| mlcd-bigG-448 | 1842M | 1024 /"):
+        assert row in text, row
