@@ -1,4 +1,5 @@
-"""What a study reports per tower, read back from the run folders (never from the study's own memory):
+"""What a study reports per tower, measured from a stage's run folder when it finishes (kept in its stamp) or read
+from the evaluation's results files:
 
 * training tokens/s of each stage: real tokens over wall seconds of every logged window in `metrics.jsonl`
   (sum of tokens_per_s x step_seconds over the sum of step_seconds: a token-weighted mean over the run);
@@ -7,6 +8,8 @@
   headers, `anyres.image_layout`), over all of them or a seeded sample of `sample` records (stated in the table);
 * the data manifest's hash (`data_manifest.json`, written by training), and the manifests' differences between
   towers (`data.manifest.diff`);
+* the records of each optimizer step (`step_membership_sha256`): the same for every tower when the data and seed
+  are, whatever each tower's token counts;
 * the scores: the MLCD benchmarks through `eval.summarize` (the paper's units), other tasks (the CPU study's demo
   skills) as their recorded `relaxed_overall` x100.
 """
@@ -43,6 +46,7 @@ class StageFacts:
     tokens_per_s: float | None
     visual_tokens: VisualTokens | None
     wall_seconds: float
+    steps_sha256: str | None = None  # `step_membership_sha256`; None: packed rows
 
 
 @dataclass
@@ -109,6 +113,37 @@ def visual_tokens_per_sample(stage_folder: Path, launch_dir: Path, sample: int =
         measured = [dataset.measure(int(index)) for index in chosen]
     counts = [sum(stats.visual_tokens) for stats in measured if isinstance(stats, SampleStats)]
     return VisualTokens(float(np.mean(counts)) if counts else 0.0, len(counts), len(valid), len(chosen) - len(counts))
+
+
+def step_membership_sha256(stage_folder: Path, world_size: int) -> str | None:
+    """sha256 over the records of each optimizer step of the run (epoch 0, sorted within a step), from its resolved
+    recipe and length table: equal between towers when every step trained on the same records. Length grouping
+    (the recipes' sampler) draws each step's records from the seed alone (a megabatch of one global batch of the
+    seeded permutation) and sorts them by each tower's own lengths only inside the step; an order file replays the
+    same steps by construction. None for packing, whose rows follow each tower's own lengths."""
+    from mlcd_vl.data.cache import digest
+    from mlcd_vl.data.dataset import LengthTable
+    from mlcd_vl.data.samplers import LengthGroupedBatchSampler
+    from mlcd_vl.train.config import RESOLVED_CONFIG_FILE, load_config
+    from mlcd_vl.train.run import LENGTHS_FILE
+
+    folder = Path(stage_folder)
+    config = load_config(folder / RESOLVED_CONFIG_FILE)
+    if config.data.packing:
+        return None
+    if config.data.order_file:
+        return digest({"order_file": Path(config.data.order_file).read_text()})
+    table = LengthTable.load(str(folder / LENGTHS_FILE))
+    accum = config.batch.grad_accum
+    ranks = [LengthGroupedBatchSampler(table.lengths, table.has_image, config.batch.per_device_batch_size,
+                                       world_size=world_size, rank=rank, grad_accum=accum,
+                                       group_by_modality=config.data.group_by_modality, seed=config.seed,
+                                       drop_last=config.data.drop_last).rank_batches() for rank in range(world_size)]
+    steps = -(-len(ranks[0]) // accum)
+    if config.optim.max_steps:
+        steps = min(steps, config.optim.max_steps)
+    return digest([sorted(index for batches in ranks for batch in batches[step * accum:(step + 1) * accum]
+                          for index in batch) for step in range(steps)])
 
 
 def scores_of(eval_folder: Path, results_files: list[Path]) -> tuple[dict[str, float], dict[str, int], list[str]]:

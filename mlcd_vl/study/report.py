@@ -106,7 +106,8 @@ def to_json(towers: list[StudyTower], facts: list[TowerFacts], *, tiny: bool, no
             "published": published[1] if published else None,
             "stages": {str(n): {"manifest_hash": s.manifest_hash, "tokens_per_s": s.tokens_per_s,
                                 "visual_tokens_per_sample": s.visual_tokens.__dict__ if s.visual_tokens else None,
-                                "wall_seconds": s.wall_seconds} for n, s in fact.stages.items()},
+                                "wall_seconds": s.wall_seconds, "steps_sha256": s.steps_sha256}
+                       for n, s in fact.stages.items()},
             "eval_seconds": fact.eval_seconds, "wall_seconds": fact.wall_seconds,
             "results_files": [str(p) for p in fact.results_files]})
     return {"tiny": tiny, "columns": columns_for(tiny), "rows": rows, "notes": notes, "warnings": warnings}

@@ -377,10 +377,12 @@ class Study:
                         logs / f"{step.kind}.log", num_gpus=self.num_gpus)
         seconds = time.perf_counter() - start
         visual = facts.visual_tokens_per_sample(step.folder, self.launch_dir, self.args.visual_token_sample)
+        world_size = self.num_gpus * int(os.environ.get("NNODES") or 1)
         mark_finished(step.folder, "stage", step.settings, wall_seconds=seconds,
                       manifest_hash=facts.manifest_hash(step.folder),
                       tokens_per_s=facts.training_tokens_per_s(step.folder / "metrics.jsonl"),
-                      visual_tokens=visual.__dict__, launch_dir=str(self.launch_dir))
+                      visual_tokens=visual.__dict__, launch_dir=str(self.launch_dir),
+                      steps_sha256=facts.step_membership_sha256(step.folder, world_size))
 
     def run_eval(self, step: Step) -> None:
         from mlcd_vl.demo.stages import REPO, evaluate, run_logged
@@ -439,7 +441,7 @@ class Study:
                       for step in self.steps(tower)}
             stages = {n: StageFacts(s["manifest_hash"], s.get("tokens_per_s"),
                                     VisualTokens(**s["visual_tokens"]) if s.get("visual_tokens") else None,
-                                    s["wall_seconds"])
+                                    s["wall_seconds"], s.get("steps_sha256"))
                       for n, s in ((1, stamps["stage1"]), (2, stamps["stage2"]))}
             eval_folder = self.tower_dir(tower) / "eval"
             files = [eval_folder / f for f in stamps["eval"]["results_files"]]
@@ -479,6 +481,18 @@ class Study:
 
         notes, refused = [], []
         for stage in (1, 2):
+            steps = {f.key: f.stages[stage].steps_sha256 for f in all_facts}
+            if None in steps.values():
+                notes.append(f"Stage {stage} order: packed rows follow each tower's own token counts.")
+            elif len(set(steps.values())) == 1:
+                notes.append(f"Stage {stage} order: the same records in every optimizer step for every tower "
+                             f"(`{next(iter(steps.values()))[:12]}`; within a step, micro-batches follow each tower's "
+                             "token counts).")
+            else:
+                groups = {h: [k for k, v in steps.items() if v == h] for h in steps.values()}
+                notes.append(f"Stage {stage} order: the optimizer steps hold different records for different towers ("
+                             + "; ".join(f"{', '.join(keys)}: `{h[:12]}`" for h, keys in groups.items())
+                             + "): some records were left out for some towers (see each run's data_problems.json).")
             hashes = {f.key: f.stages[stage].manifest_hash for f in all_facts}
             if len(set(hashes.values())) == 1:
                 notes.append(f"Stage {stage} data: one manifest for every tower, `{next(iter(hashes.values()))}`.")
