@@ -231,6 +231,48 @@ def test_every_optimizer_step_holds_the_same_records_whatever_each_towers_token_
     assert step_membership_sha256(run_folder("packed", 16, data={"packing": True, "token_budget": 4096}), 4) is None
 
 
+def test_the_gpu_studys_table_has_published_rows_plots_and_the_towers_eval_differences(tmp_path):
+    import shutil
+
+    from mlcd_vl.data.manifest import build_manifest
+
+    records = tmp_path / "records.json"
+    records.write_text(json.dumps([{"id": "a", "conversations": [{"from": "human", "value": "hi"},
+                                                                 {"from": "gpt", "value": "yo"}]}]))
+    manifest = build_manifest(str(records), seed=42)
+    study = study_run.Study(_args("--towers", "clip-vitL-336,mlcd-bigG-448", "--workdir", str(tmp_path / "study")))
+    recorded = REPO / "tests" / "data" / "eval_results"
+    for number, tower in enumerate(study.towers):
+        for stage in (1, 2):
+            step = study.stage_step(tower, stage)
+            _stage_outputs(step.folder)
+            manifest.save(step.folder / "data_manifest.json")
+            ledger.mark_finished(step.folder, "stage", step.settings, wall_seconds=3600.0 * stage,
+                                 manifest_hash=manifest.hash, tokens_per_s=1000.0 * stage, steps_sha256="ab" * 32,
+                                 visual_tokens={"mean": 576.0 * stage, "measured": 2000, "records": 779289})
+        step = study.eval_step(tower)
+        shutil.copytree(recorded, step.folder / "model")
+        results = next((step.folder / "model").glob("*_results.json"))
+        data = json.loads(results.read_text())
+        data["lmms_eval_version"] = "0.7.3" if number == 0 else "0.7.2"
+        results.write_text(json.dumps(data))
+        ledger.mark_finished(step.folder, "eval", step.settings, wall_seconds=600.0,
+                             results_files=[str(results.relative_to(step.folder))])
+    assert study.report() == 0
+    table = (tmp_path / "study" / "study.md").read_text()
+    assert "| tower | ChartQA | DocVQA | InfoVQA | OCRBench | MMMU | visual tokens / sample (stage 1 / 2) |" in table
+    assert ("| CLIP (ViT-L-14-336px): ours | 0.00 | 0.00 | 0.00 | 0.0 | 50.00 | 576 (2000 of 779289) / 1152 (2000 "
+            f"of 779289) | 1000 / 2000 | 3.2 h | `{manifest.hash[:12]}` / `{manifest.hash[:12]}` |") in table
+    assert "| CLIP (ViT-L-14-336px): published | 66.52 | 75.21 | 38.88 | 525.0 | 44.20 | | | | |" in table
+    assert "| MLCD (ViT-bigG-14-448px): published | 73.80 | 83.34 | 46.59 | 582.0 | 46.00 |" in table
+    assert "Stage 2 order: the same records in every optimizer step for every tower" in table
+    assert "rows differ in lmms-eval version: clip-vitL-336: 0.7.3; mlcd-bigG-448: 0.7.2" in table
+    assert "| lmms-eval version | `0.7.3` | `0.7.2` |" in table
+    assert "OCRBench" in table and "ran on 4 of OCRBench's 1000 items" in table  # summarize's own warnings, per tower
+    plots = sorted(p.name for p in (tmp_path / "study" / "plots").glob("*.png"))
+    assert plots == ["ChartQA.png", "DocVQA.png", "InfoVQA.png", "MMMU.png", "OCRBench.png"]
+
+
 # ------------------------------------------------------------------ the CPU study, end to end
 
 
