@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -279,10 +278,10 @@ def test_the_gpu_studys_table_has_published_rows_plots_and_the_towers_eval_diffe
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_cpu_study_with_two_tower_families_writes_table_and_plots_and_resumes_without_redoing(tmp_path):
+    from mlcd_vl.demo.stages import child_env
+
     workdir = tmp_path / "study"
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""),
-               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1",
-               OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"))
+    env = child_env(threads=1)  # offline, this checkout importable, as the study's own child processes
     command = [sys.executable, "-m", "mlcd_vl.cli", "study", "--tiny", "--towers", "mlcd-bigG-448,siglip-so400m-384",
                "--workdir", str(workdir), "--train-images", "48", "--heldout-per-skill", "2", "--stage1-steps", "2",
                "--stage2-steps", "3", "--threads", "1"]
