@@ -7,8 +7,9 @@ tower and its own image settings change (`study.towers`). Then one table in the 
 published rows beside ours, visual tokens per sample, training tokens/s, wall time and the data manifests' hashes
 (`study.md`, `study.json`) and a bar chart per benchmark (`plots/`). Examples:
 
-    mlcd-vl study configs/recipes/mlcd_bigG448 --towers all --stage1-set data.image_folder=/data/lcs \\
-        --stage2-set data.image_folder=/data/next                    # 8 GPUs per tower (NUM_GPUS as the scripts)
+    mlcd-vl study configs/recipes/mlcd_bigG448 --towers all --allow-pickle \\
+        --stage1-set data.preset_dir=/data/LLaVA-Pretrain --stage2-set data.preset_dir=/data/LLaVA-NeXT-Data
+                                                                     # 8 GPUs per tower (NUM_GPUS as the scripts)
     mlcd-vl study --tiny                                             # the CPU study: three tiny tower families
     mlcd-vl study --towers clip-vitL-336,mlcd-bigG-448 --dry-run     # what would run, and what is done
 
