@@ -38,11 +38,11 @@ def test_recorded_run_in_paper_units_with_settings_and_warnings():
     assert run.scores["OCRBench"].generation == {"max_new_tokens": 4, "temperature": 0.0, "top_p": 1.0, "top_k": 0,
                                                  "repetition_penalty": 1.0, "stop": ("\n\n",)}
     text = summary.markdown
-    assert "| [1] mlcd_llava: model | 0.00 | 0.00 | 0.00 | 0.0 | 50.00 |" in text
-    assert "| published: MLCD (ViT-bigG-14-448px) | 73.80 | 83.34 | 46.59 | 582.0 | 46.00 |" in text
+    assert "| [1] mlcd_llava: model | 0.00 | 0.00 | 0.00 | 0 | 50.00 |" in text
+    assert "| published: MLCD (ViT-bigG-14-448px) | 73.80 | 83.34 | 46.59 | 582 | 46.00 |" in text
     assert "lmms-eval: 0.7.3 (installed here; the file records 'main@01aec39')" in text
     assert "template: unknown (checkpoint not readable here)" in text
-    row = '| OCRBench | mlcd_ocrbench_local | 0.0 (0 of 4 items right) | 4 | 4 | 0.0 | 1.0 | 0 | 1 | 1.0 | "\\n\\n" |'
+    row = '| OCRBench | mlcd_ocrbench_local | 0 (0 of 4 items right) | 4 | 4 | 0.0 | 1.0 | 0 | 1 | 1.0 | "\\n\\n" |'
     assert row in text
     assert any("4 of OCRBench's 1000 items" in w and "points/1000" in w for w in summary.warnings)
     assert any("mlcd_chartqa_local ran on 4 of 2500" in w for w in summary.warnings)
@@ -145,5 +145,5 @@ def test_tasks_outside_the_mlcd_table_get_their_own_table(tmp_path):
     def both(data):
         data["results"]["mlcd_demo_colour"] = demo
     text = summarize_paths([_copy(tmp_path / "both", both)]).markdown
-    assert "| [1] mlcd_llava: model | 0.00 | 0.00 | 0.00 | 0.0 | 50.00 |" in text and "published:" in text
+    assert "| [1] mlcd_llava: model | 0.00 | 0.00 | 0.00 | 0 | 50.00 |" in text and "published:" in text
     assert "| [1] mlcd_llava: model | mlcd_demo_colour | relaxed_overall | 0.9583 | ? |" in text

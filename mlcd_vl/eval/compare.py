@@ -82,6 +82,16 @@ def checkpoint_template(model_args: dict) -> str:
     return "unknown (checkpoint not readable here)"
 
 
+def scoring_generation(task_config: dict, model_args: dict) -> dict:
+    """The generation settings `mlcd_llava` used for a task: the task's generation_kwargs through the adapter's own
+    `effective_generation`, with the run's model_args (max_new_tokens, repetition_penalty, stop_at_until)."""
+    generation, _ = effective_generation(
+        task_config.get("generation_kwargs") or {}, max_new_tokens=int(model_args.get("max_new_tokens", 1024)),
+        repetition_penalty=model_args.get("repetition_penalty", 1.0),
+        stop_at_until=model_args.get("stop_at_until", "true").lower() not in ("false", "0", "no"))
+    return generation
+
+
 def _task_version(data: dict, task: str) -> str:
     version = (data.get("versions") or {}).get(task)
     metadata = (data.get("configs") or {}).get(task, {}).get("metadata")
@@ -124,10 +134,7 @@ def row_settings(results_files: list[Path], label: str) -> RowSettings:
             benchmark = benchmark_for_task(task)
             name = benchmark.name if benchmark is not None else task
             task_config = (data.get("configs") or {}).get(task, {})
-            generation, _ = effective_generation(
-                task_config.get("generation_kwargs") or {}, max_new_tokens=int(args.get("max_new_tokens", 1024)),
-                repetition_penalty=args.get("repetition_penalty", 1.0),
-                stop_at_until=args.get("stop_at_until", "true").lower() not in ("false", "0", "no"))
+            generation = scoring_generation(task_config, args)
             row.settings[f"{name}: task"] = task
             row.settings[f"{name}: version"] = _task_version(data, task)
             row.settings[f"{name}: prompt"] = _prompt(task_config)

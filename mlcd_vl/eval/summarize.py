@@ -18,8 +18,7 @@ from pathlib import Path
 from mlcd_vl.errors import UsageError
 from mlcd_vl.eval import MODEL_ID
 from mlcd_vl.eval import compare
-from mlcd_vl.eval.compare import checkpoint_template, lmms_eval_version, parse_model_args
-from mlcd_vl.eval.generation import effective_generation
+from mlcd_vl.eval.compare import checkpoint_template, lmms_eval_version, parse_model_args, scoring_generation
 from mlcd_vl.eval.tasks import BENCHMARKS, Benchmark, benchmark_for_task
 
 COLUMNS = [b.name for b in BENCHMARKS]
@@ -146,11 +145,7 @@ def read_run(path: Path, warnings: list[str]) -> Run:
         if value is None:
             warnings.append(f"{path}: {task} has no numeric {benchmark.metric} ({raw!r})")
         documents = (data.get("n-samples") or {}).get(task, {}).get("effective")
-        task_config = (data.get("configs") or {}).get(task, {})
-        generation, _ = effective_generation(
-            task_config.get("generation_kwargs") or {}, max_new_tokens=int(args.get("max_new_tokens", 1024)),
-            repetition_penalty=args.get("repetition_penalty", 1.0),
-            stop_at_until=args.get("stop_at_until", "true").lower() not in ("false", "0", "no"))
+        generation = scoring_generation((data.get("configs") or {}).get(task, {}), args)
         score = Score(benchmark, task, value, documents, generation)
         samples = _samples(path, task)
         if samples is not None:
@@ -185,10 +180,14 @@ def _recorded_metrics(metrics: dict) -> dict[str, float]:
     return values
 
 
-def _number(value: float | None, benchmark_name: str) -> str:
+def format_score(value: float | None, benchmark_name: str, missing: str = "-") -> str:
+    """A score as the MLCD table writes it: OCRBench in whole points of 1000 (one decimal if not whole), the others
+    with two decimals."""
     if value is None:
-        return "-"
-    return f"{value:.1f}" if benchmark_name == "OCRBench" else f"{value:.2f}"
+        return missing
+    if benchmark_name == "OCRBench":
+        return f"{value:.0f}" if abs(value - round(value)) < 1e-6 else f"{value:.1f}"
+    return f"{value:.2f}"
 
 
 def _run_label(run: Run) -> str:
@@ -210,11 +209,11 @@ def render(runs: list[Run], warnings: list[str], published: bool = True) -> str:
                       "points of 1000, MMMU accuracy x100 (val).", "",
                   "| Model | " + " | ".join(COLUMNS) + " |", "|---|" + "---:|" * len(COLUMNS)]
     for number, run in mlcd_runs:
-        cells = [_number(run.scores[c].value, c) if c in run.scores else "" for c in COLUMNS]
+        cells = [format_score(run.scores[c].value, c) if c in run.scores else "" for c in COLUMNS]
         lines.append(f"| [{number}] {_run_label(run)} | " + " | ".join(cells) + " |")
     if published and mlcd_runs:
         for name, row in PUBLISHED:
-            cells = [_number(row[c], c) for c in COLUMNS]
+            cells = [format_score(row[c], c) for c in COLUMNS]
             lines.append(f"| published: {name} | " + " | ".join(cells) + " |")
         lines += ["", "Published rows: MLCD README (LLaVA-NeXT recipe, Qwen2.5-7B, LCS-558K + LLaVA-NeXT-Data, "
                       "lmms-eval 0.2.0, `llava` model with fp16 and the checkpoint's repetition_penalty 1.05)."]
@@ -243,7 +242,7 @@ def render(runs: list[Run], warnings: list[str], published: bool = True) -> str:
             s = run.scores[column]
             g = s.generation
             penalty = "checkpoint's" if g["repetition_penalty"] is None else g["repetition_penalty"]
-            score = _number(s.value, column)
+            score = format_score(s.value, column)
             if s.ocrbench_points is not None:
                 score += f" ({s.ocrbench_points} of {s.documents} items right)"
             lines.append(f"| {column} | {s.task} | {score} | {s.documents if s.documents is not None else '?'} | "

@@ -10,8 +10,8 @@ from the evaluation's results files:
   towers (`data.manifest.diff`);
 * the records of each optimizer step (`step_membership_sha256`): the same for every tower when the data and seed
   are, whatever each tower's token counts;
-* the scores: the MLCD benchmarks through `eval.summarize` (the paper's units), other tasks (the CPU study's demo
-  skills) as their recorded `relaxed_overall` x100.
+* the scores, read by `eval.summarize`: the MLCD benchmarks in the paper's units, the CPU study's demo skills (tasks
+  outside the MLCD table) as their recorded `relaxed_overall` x100.
 """
 
 from __future__ import annotations
@@ -24,7 +24,6 @@ from pathlib import Path
 
 import numpy as np
 
-DEMO_TASK_PREFIX = "mlcd_demo_"  # the demo's held-out tasks (demo.stages.LMMS_TASK_PREFIX), one per skill
 DEMO_METRIC = "relaxed_overall"
 
 
@@ -147,24 +146,19 @@ def step_membership_sha256(stage_folder: Path, world_size: int) -> str | None:
 
 
 def scores_of(eval_folder: Path, results_files: list[Path]) -> tuple[dict[str, float], dict[str, int], list[str]]:
-    """(column -> score, column -> documents, summarize's warnings) from a tower's evaluation: MLCD benchmarks in
-    the paper's units (`eval.summarize`), the demo's skills as relaxed accuracy x100."""
+    """(column -> score, column -> documents, summarize's warnings) from a tower's evaluation, read by
+    `eval.summarize` (its files merged as one row): MLCD benchmarks in the paper's units, the demo's skills (tasks
+    outside the MLCD table, with every metric as recorded) as relaxed accuracy x100."""
+    from mlcd_vl.demo.stages import LMMS_TASK_PREFIX
     from mlcd_vl.eval.summarize import merge_runs, read_run
-    from mlcd_vl.eval.tasks import benchmark_for_task
 
-    scores, documents, warnings, benchmarks = {}, {}, [], False
-    for path in results_files:
-        data = json.loads(Path(path).read_text())
-        for task, metrics in (data.get("results") or {}).items():
-            benchmarks |= benchmark_for_task(task) is not None
-            if task.startswith(DEMO_TASK_PREFIX):
-                skill = task[len(DEMO_TASK_PREFIX):]
-                scores[skill] = 100.0 * float(metrics[f"{DEMO_METRIC},none"])
-                documents[skill] = int(((data.get("n-samples") or {}).get(task) or {}).get("effective", 0))
-    if benchmarks:
-        run = merge_runs(Path(eval_folder), [read_run(Path(p), warnings) for p in results_files], warnings)
-        for column, score in run.scores.items():
-            if score.value is not None:
-                scores[column] = score.value
-                documents[column] = score.documents or 0
+    warnings: list[str] = []
+    run = merge_runs(Path(eval_folder), [read_run(Path(p), warnings) for p in results_files], warnings)
+    scores = {column: score.value for column, score in run.scores.items() if score.value is not None}
+    documents = {column: run.scores[column].documents or 0 for column in scores}
+    for task, other in run.other_scores.items():
+        if task.startswith(LMMS_TASK_PREFIX) and DEMO_METRIC in other.metrics:
+            skill = task[len(LMMS_TASK_PREFIX):]
+            scores[skill] = 100.0 * other.metrics[DEMO_METRIC]
+            documents[skill] = other.documents or 0
     return scores, documents, warnings

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mlcd_vl.eval.summarize import COLUMNS, published_row
+from mlcd_vl.eval.summarize import COLUMNS, format_score, published_row
 from mlcd_vl.study.facts import TowerFacts
 from mlcd_vl.study.towers import StudyTower
 
@@ -29,9 +29,10 @@ def duration(seconds: float) -> str:
 
 
 def _score(value: float | None, column: str) -> str:
-    if value is None:
-        return ""
-    return f"{value:.1f}" if column == "OCRBench" or column not in COLUMNS else f"{value:.2f}"
+    """The MLCD benchmarks as the MLCD table writes them (`summarize.format_score`), the demo's skills in % x.1."""
+    if column in COLUMNS:
+        return format_score(value, column, missing="")
+    return "" if value is None else f"{value:.1f}"
 
 
 def _pair(values: list, fmt) -> str:
