@@ -76,8 +76,8 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="offline benchmark folder for scripts/eval.sh (MLCD_VL_EVAL_DATA)")
     parser.add_argument("--eval-batch-size", type=int, default=None,
                         help="requests per generate call (default 1 as upstream; 32 with --tiny)")
-    parser.add_argument("--eval-model-args", default="",
-                        help="extra mlcd_llava model_args for every tower (MLCD_VL_EVAL_MODEL_ARGS)")
+    parser.add_argument("--eval-model-args", default=None,
+                        help="extra mlcd_llava model_args for every tower (MLCD_VL_EVAL_MODEL_ARGS; default: none)")
     parser.add_argument("--allow-different-data", action="store_true",
                         help="compare towers whose stages saw different data manifests (the table says so)")
     parser.add_argument("--allow-pickle", action="store_true",
@@ -86,13 +86,18 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
                         help="records measured for visual tokens per sample (default 2000; all when fewer)")
     parser.add_argument("--dry-run", action="store_true", help="print each step, its overrides and whether it is "
                                                                 "done; run nothing")
+    from mlcd_vl.demo.plan import PLANS  # sizes only: no torch at --help time
+
+    sizes = "; ".join(f"{name}: {p.stage1_steps} + {p.stage2_steps} steps, {p.train_images} training images, "
+                      f"{p.heldout_per_skill} held-out per skill" for name, p in PLANS.items())
     tiny = parser.add_argument_group("the CPU study (--tiny)")
-    tiny.add_argument("--plan", choices=("quick", "full"), default="quick",
-                      help="the demo's run sizes (quick: 50 + 450 steps, full: 100 + 800; default quick)")
-    tiny.add_argument("--train-images", type=int, default=None, help="playground training images")
-    tiny.add_argument("--heldout-per-skill", type=int, default=None, help="held-out items per skill")
-    tiny.add_argument("--stage1-steps", type=int, default=None)
-    tiny.add_argument("--stage2-steps", type=int, default=None)
+    tiny.add_argument("--plan", choices=tuple(PLANS), default="quick",
+                      help=f"the demo's run sizes ({sizes}; default: quick)")
+    tiny.add_argument("--train-images", type=int, default=None, help="playground training images (default: the plan's)")
+    tiny.add_argument("--heldout-per-skill", type=int, default=None,
+                      help="held-out items per skill (default: the plan's)")
+    tiny.add_argument("--stage1-steps", type=int, default=None, help="stage-1 optimizer steps (default: the plan's)")
+    tiny.add_argument("--stage2-steps", type=int, default=None, help="stage-2 optimizer steps (default: the plan's)")
     tiny.add_argument("--threads", type=int, default=None, help="torch threads per process (default OMP_NUM_THREADS, "
                                                                  "else 2)")
     tiny.add_argument("--seed", type=int, default=0, help="playground data seed")
@@ -297,7 +302,7 @@ class Study:
 
     def eval_step(self, tower: StudyTower) -> Step:
         settings = {"tasks": self.eval_tasks(), "batch_size": self.eval_batch_size(),
-                    "model_args": self.args.eval_model_args, "num_gpus": 1 if self.tiny else self.num_gpus,
+                    "model_args": self.args.eval_model_args or "", "num_gpus": 1 if self.tiny else self.num_gpus,
                     "eval_data": str(self.args.eval_data) if self.args.eval_data else None}
         if self.tiny:
             settings["heldout_per_skill"] = self.plan.heldout_per_skill
@@ -520,7 +525,10 @@ def run(args: argparse.Namespace) -> int:
             return 0
         from transformers.utils import logging as hf_logging
 
+        from mlcd_vl.console import quiet_deepspeed_cpu_notice
+
         hf_logging.disable_progress_bar()
+        quiet_deepspeed_cpu_notice()  # this process only reads runs (the stages log DeepSpeed's own notices)
         study.run_all()
         return study.report()
     except (StudyError, ConfigError) as error:
