@@ -80,6 +80,23 @@ def test_each_differing_scoring_setting_is_a_warning_naming_both_values(tmp_path
     assert "| setting | [1] | [2] |" in table and "| lmms-eval version | `0.7.3` | `0.7.2` |" in table
 
 
+def test_git_commits_recorded_in_place_of_a_release_are_not_a_difference(tmp_path):
+    """lmms-eval records `branch@commit` of the git repository around it when it has no release number: runs of one
+    installed lmms-eval made at different commits of that repository are scored alike."""
+
+    def recorded(commit):
+        return lambda data: data.update(lmms_eval_version=f"main@{commit}")
+
+    first = _run(tmp_path, "a", recorded("d162358"), model=_checkpoint(tmp_path, "a"))
+    second = _run(tmp_path, "b", recorded("3615833"), model=_checkpoint(tmp_path, "b"))
+    summary = summarize_paths([first, second], published=False)
+    assert not [w for w in summary.warnings if w.startswith("rows differ")]
+    rows = [compare.row_settings(sorted(folder.glob("*_results.json")), name) for name, folder in
+            (("a", first), ("b", second))]
+    assert rows[0].settings["lmms-eval version"] == f"{compare.installed_lmms_eval_version()} (installed here)"
+    assert "the file records 'main@d162358'" in summary.markdown  # each row's own section still says what it recorded
+
+
 def test_results_files_of_one_run_folder_make_one_row(tmp_path):
     folder = _run(tmp_path, "split", model=_checkpoint(tmp_path, "split"))
     data = json.loads((folder / f"{STAMP}_results.json").read_text())

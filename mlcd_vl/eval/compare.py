@@ -56,11 +56,15 @@ def installed_lmms_eval_version() -> str:
         return "not installed"
 
 
-def lmms_eval_version(recorded: str | None) -> str:
+def lmms_eval_version(recorded: str | None, with_record: bool = True) -> str:
     """The results file's version when it is a release number; lmms-eval writes `branch@commit` of whatever git
-    repository surrounds it (or unknown@unknown), so otherwise take the installed one and say so."""
+    repository surrounds it (or unknown@unknown), so otherwise take the installed one and say so (`with_record`:
+    also quote what the file records; comparisons leave it out, since it names that surrounding repository's
+    commit at the time, which differs between runs of one lmms-eval)."""
     if recorded and re.fullmatch(r"v?\d+\.\d+(\.\d+)?\S*", recorded):
         return recorded
+    if not with_record:
+        return f"{installed_lmms_eval_version()} (installed here)"
     return f"{installed_lmms_eval_version()} (installed here; the file records {recorded!r})"
 
 
@@ -123,7 +127,7 @@ def row_settings(results_files: list[Path], label: str) -> RowSettings:
             continue  # summarize reports unreadable files itself
         config = data.get("config") or {}
         args = parse_model_args(config.get("model_args"))
-        row.settings["lmms-eval version"] = lmms_eval_version(data.get("lmms_eval_version"))
+        row.settings["lmms-eval version"] = lmms_eval_version(data.get("lmms_eval_version"), with_record=False)
         row.settings["model"] = str(config.get("model", "?"))
         row.settings["template"] = checkpoint_template(args)
         row.settings["model_args (besides pretrained)"] = ",".join(
