@@ -34,6 +34,8 @@ COVERED_ELSEWHERE = {
     "bash scripts/demo.sh": "the full demo takes about 5 minutes; tests/test_demo.py runs the same code "
                             "(`mlcd-vl demo --quick`) in CI",
     "bash scripts/test.sh": "the test suite this test belongs to (CI's .ci/run runs exactly this command)",
+    "mlcd-vl study --tiny": "the CPU study takes about 25 minutes (three towers, quick plan); "
+                            "tests/test_study.py runs the same command with two towers and fewer steps",
 }
 COMMAND_TIMEOUT_S = 420
 

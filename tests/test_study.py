@@ -120,6 +120,20 @@ def _stage_outputs(folder: Path) -> None:
         (folder / name).write_text("{}")
 
 
+def test_study_errors_are_one_line_with_an_exit_code(tmp_path, capsys):
+    from mlcd_vl.cli import main
+    from mlcd_vl.errors import UserError
+
+    assert main(["study", "--towers", "clip-vitL-336,my-tower", "--dry-run", "--workdir", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mlcd-vl study: error: --towers: 'my-tower' is not a tower preset") and err.count("\n") == 1
+    study = study_run.Study(_args("--towers", "clip-vitL-336", "--workdir", str(tmp_path)))
+    with pytest.raises(UserError, match=r"^clip-vitL-336 stage1: pretrain.sh failed \(log: L\)$") as failed:
+        with study_run.step_command(study.stage_step(study.towers[0], 1)):
+            raise RuntimeError("pretrain.sh failed (log: L)")
+    assert failed.value.exit_code == 1
+
+
 def test_a_finished_step_is_kept_and_one_finished_with_other_settings_is_refused(tmp_path):
     folder = tmp_path / "stage1"
     settings = {"recipe_sha256": "abc", "overrides": ["optim.max_steps=3", "model.tower=x"], "num_gpus": 8}

@@ -94,12 +94,11 @@ def visual_tokens_per_sample(stage_folder: Path, launch_dir: Path, sample: int =
     folder the stage was launched from, which relative data paths in its recipe are relative to."""
     from transformers import AutoTokenizer
 
-    from mlcd_vl.data.dataset import LengthTable, SupervisedDataset
+    from mlcd_vl.data.dataset import LENGTHS_FILE, LengthTable, SupervisedDataset
     from mlcd_vl.data.samples import SampleStats
     from mlcd_vl.model.build import prepare_tokenizer
     from mlcd_vl.model.checkpoint import read_settings
     from mlcd_vl.train.config import RESOLVED_CONFIG_FILE, load_config
-    from mlcd_vl.train.run import LENGTHS_FILE
 
     folder = Path(stage_folder).resolve()
     config = load_config(folder / RESOLVED_CONFIG_FILE)
@@ -121,10 +120,9 @@ def step_membership_sha256(stage_folder: Path, world_size: int) -> str | None:
     seeded permutation) and sorts them by each tower's own lengths only inside the step; an order file replays the
     same steps by construction. None for packing, whose rows follow each tower's own lengths."""
     from mlcd_vl.data.cache import digest
-    from mlcd_vl.data.dataset import LengthTable
+    from mlcd_vl.data.dataset import LENGTHS_FILE, LengthTable
     from mlcd_vl.data.samplers import LengthGroupedBatchSampler
     from mlcd_vl.train.config import RESOLVED_CONFIG_FILE, load_config
-    from mlcd_vl.train.run import LENGTHS_FILE
 
     folder = Path(stage_folder)
     config = load_config(folder / RESOLVED_CONFIG_FILE)

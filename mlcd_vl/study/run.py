@@ -30,6 +30,7 @@ skills with lmms-eval instead of the five benchmarks (which need downloads).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -38,6 +39,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from mlcd_vl.errors import UserError
 from mlcd_vl.study.towers import TOWER_KEYS, StudyError, StudyTower, parse_towers
 
 DEFAULT_WORKDIR = Path("runs") / "study"
@@ -214,6 +216,15 @@ class Step:
         return {"stage1": 1, "stage2": 2}.get(self.kind, 0)
 
 
+@contextlib.contextmanager
+def step_command(step: Step):
+    """A step's command that failed (demo.stages raises RuntimeError naming its log) as a one-line user error."""
+    try:
+        yield
+    except RuntimeError as error:
+        raise UserError(f"{step.tower.key} {step.kind}: {error}") from error
+
+
 def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
@@ -347,8 +358,6 @@ class Study:
 
     def check_data(self, step: Step) -> None:
         """Before a stage trains: its data manifest must be the one the same stage of finished towers saw."""
-        import contextlib
-
         from mlcd_vl.data.cache import resolve_cache_dir
         from mlcd_vl.data.manifest import Manifest, build_manifest, diff
         from mlcd_vl.train.config import load_config
@@ -379,8 +388,9 @@ class Study:
         logs = self.tower_dir(step.tower) / "logs"
         logs.mkdir(parents=True, exist_ok=True)
         start = time.perf_counter()
-        launch_training(step.stage, step.recipe, step.overrides, self.launcher, self.env(),
-                        logs / f"{step.kind}.log", num_gpus=self.num_gpus)
+        with step_command(step):
+            launch_training(step.stage, step.recipe, step.overrides, self.launcher, self.env(),
+                            logs / f"{step.kind}.log", num_gpus=self.num_gpus)
         seconds = time.perf_counter() - start
         visual = facts.visual_tokens_per_sample(step.folder, self.launch_dir, self.args.visual_token_sample)
         world_size = self.num_gpus * int(os.environ.get("NNODES") or 1)
@@ -399,7 +409,8 @@ class Study:
         (tower_dir / "logs").mkdir(parents=True, exist_ok=True)
         start, wall = time.time(), time.perf_counter()
         if self.tiny:
-            evaluate(model, self.inputs.data.heldout, tower_dir, self.eval_batch_size(), self.env())
+            with step_command(step):
+                evaluate(model, self.inputs.data.heldout, tower_dir, self.eval_batch_size(), self.env())
         else:
             script = REPO / "scripts" / "eval.sh"
             if not script.is_file():
@@ -409,8 +420,9 @@ class Study:
                 env["MLCD_VL_EVAL_DATA"] = str(self.args.eval_data.resolve())
             if self.args.eval_model_args:
                 env["MLCD_VL_EVAL_MODEL_ARGS"] = self.args.eval_model_args
-            run_logged(["bash", str(script), str(model), ",".join(self.eval_tasks()), str(self.num_gpus),
-                        str(self.eval_batch_size()), str(step.folder)], env, tower_dir / "logs" / "eval.log")
+            with step_command(step):
+                run_logged(["bash", str(script), str(model), ",".join(self.eval_tasks()), str(self.num_gpus),
+                            str(self.eval_batch_size()), str(step.folder)], env, tower_dir / "logs" / "eval.log")
         seconds = time.perf_counter() - wall
         results = sorted(p for p in step.folder.rglob("*_results.json") if p.stat().st_mtime >= start - 1)
         mark_finished(step.folder, "eval", step.settings, wall_seconds=seconds,
@@ -516,24 +528,17 @@ class Study:
 
 
 def run(args: argparse.Namespace) -> int:
-    from mlcd_vl.train.config import ConfigError
+    """Errors a user can act on (StudyError, ConfigError, a failed step naming its log) are `errors.UserError`s,
+    reported in one line by the CLI."""
+    study = Study(args)
+    if args.dry_run:
+        study.show()
+        return 0
+    from transformers.utils import logging as hf_logging
 
-    try:
-        study = Study(args)
-        if args.dry_run:
-            study.show()
-            return 0
-        from transformers.utils import logging as hf_logging
+    from mlcd_vl.console import quiet_deepspeed_cpu_notice
 
-        from mlcd_vl.console import quiet_deepspeed_cpu_notice
-
-        hf_logging.disable_progress_bar()
-        quiet_deepspeed_cpu_notice()  # this process only reads runs (the stages log DeepSpeed's own notices)
-        study.run_all()
-        return study.report()
-    except (StudyError, ConfigError) as error:
-        print(f"mlcd-vl study: error: {error}", file=sys.stderr)
-        return 2
-    except RuntimeError as error:  # a step's command failed: its log is named
-        print(f"mlcd-vl study: error: {error}", file=sys.stderr)
-        return 1
+    hf_logging.disable_progress_bar()
+    quiet_deepspeed_cpu_notice()  # this process only reads runs (the stages log DeepSpeed's own notices)
+    study.run_all()
+    return study.report()

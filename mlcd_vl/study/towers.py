@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from mlcd_vl import presets
+from mlcd_vl.errors import UsageError
 from mlcd_vl.eval.summarize import PUBLISHED_TOWERS
 
 TINY_FAMILIES = ("mlcd-bigG-448", "clip-vitL-336", "siglip-so400m-384")  # MLCD RoPE2D, CLIP quick_gelu, SigLIP
@@ -27,8 +28,8 @@ TINY_GRID_DIVISOR = 8
 TOWER_KEYS = ("model.tower", "model.pinpoints", "model.init_from", "output_dir")
 
 
-class StudyError(ValueError):
-    """A study that cannot run or compare as asked; the message is one line and says what to do."""
+class StudyError(UsageError, ValueError):
+    """A study that cannot run or compare as asked; the message is one line and says what to do (exit 2)."""
 
 
 def tiny_crop(preset: presets.TowerPreset) -> int:
