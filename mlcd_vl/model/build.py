@@ -29,6 +29,7 @@ from mlcd_vl import presets
 from mlcd_vl.model.templates import get_template
 from mlcd_vl.vocab import IMAGE_PLACEHOLDER
 from mlcd_vl.model import anyres
+from mlcd_vl.model.gathered import full_shape, gathered
 from mlcd_vl.model.pixels import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD, ImageModeSettings, ProcessorSettings
 
 SETTINGS_KEY = "mlcd_vl"  # our block inside config.json; plain transformers ignores it
@@ -108,16 +109,27 @@ def prepare_tokenizer(tokenizer: PreTrainedTokenizerBase, template: str) -> PreT
     return tokenizer
 
 
-def load_vision_tower(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
-    """A vision tower from a folder or hub id, whatever its saved class (full CLIP/SigLIP models keep the tower)."""
+def _tower_class(path: str):
+    """(model class, its config) of a tower folder or hub id: a full CLIP/SigLIP model gives its vision part."""
     config = AutoConfig.from_pretrained(path)
     if config.model_type in ("clip", "clip_vision_model"):
-        return CLIPVisionModel.from_pretrained(path, dtype=dtype)
+        return CLIPVisionModel, CLIPVisionModel.config_class.from_pretrained(path)
     if config.model_type in ("siglip", "siglip_vision_model"):
-        return SiglipVisionModel.from_pretrained(path, dtype=dtype)
+        return SiglipVisionModel, SiglipVisionModel.config_class.from_pretrained(path)
     if config.model_type == "mlcd_vision_model":
-        return AutoModel.from_pretrained(path, dtype=dtype)
+        return AutoModel, config
     raise ValueError(f"{path}: unsupported vision tower type {config.model_type!r} (mlcd, clip or siglip expected)")
+
+
+def load_tower_config(path: str):
+    """The config of the tower `load_vision_tower` would build, without its weights."""
+    return _tower_class(path)[1]
+
+
+def load_vision_tower(path: str, dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """A vision tower from a folder or hub id, whatever its saved class (full CLIP/SigLIP models keep the tower)."""
+    model_class, _ = _tower_class(path)
+    return model_class.from_pretrained(path, dtype=dtype)
 
 
 def tower_processor_settings(path: str, tower_config) -> ProcessorSettings:
@@ -199,19 +211,30 @@ def compose_config(text_config, vision_config, settings: VLMSettings, image_toke
 
 
 def init_projector_and_newline(model: PreTrainedModel, seed: int | None = None) -> None:
-    """Upstream init: nn.Linear defaults for the projector, randn(h)/sqrt(h) for image_newline."""
+    """Upstream init: nn.Linear defaults for the projector, randn(h)/sqrt(h) for image_newline.
+
+    The values are drawn on the CPU in float32 (fresh `nn.Linear`s reset in turn, then the newline), so they are the
+    same whatever device, dtype or ZeRO-3 partitioning the model has; a partitioned model takes rank 0's draw."""
     generator_state = torch.random.get_rng_state()
     if seed is not None:
         torch.manual_seed(seed)
     projector = model.model.multi_modal_projector
-    for layer in (projector.linear_1, projector.linear_2):
-        layer.reset_parameters()
+    values = {}
+    for name in ("linear_1", "linear_2"):
+        layer = getattr(projector, name)
+        fresh = torch.nn.utils.skip_init(torch.nn.Linear, layer.in_features, layer.out_features,
+                                         bias=layer.bias is not None)
+        fresh.reset_parameters()
+        values.update({layer.weight: fresh.weight, **({layer.bias: fresh.bias} if layer.bias is not None else {})})
     newline = getattr(model.model, "image_newline", None)
     if newline is not None:
-        with torch.no_grad():
-            newline.copy_(torch.randn(newline.shape[0], dtype=torch.float32) / math.sqrt(newline.shape[0]))
+        size = full_shape(newline)[0]
+        values[newline] = torch.randn(size, dtype=torch.float32) / math.sqrt(size)
     if seed is not None:
         torch.random.set_rng_state(generator_state)
+    with gathered(list(values), modifier_rank=0), torch.no_grad():
+        for param, value in values.items():
+            param.copy_(value)
 
 
 @dataclass
@@ -251,29 +274,87 @@ def image_settings(spec: VLMSpec, tower_config, tower_path: str,
     return settings, strategy, layer
 
 
-def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
-    """A fresh composite with the LLM's and tower's pretrained weights, a new projector and image_newline."""
-    dtype = getattr(torch, spec.dtype)
+# Where the parts' own tensors sit in the composite (both build paths use this map): the causal LM's `model.*` and
+# `lm_head.*`, the tower's every key under `model.vision_tower.`. The rest is new: the projector and image_newline.
+LLM_KEY_PREFIXES = (("model.", "model.language_model."), ("lm_head.", "lm_head."))
+TOWER_KEY_PREFIX = "model.vision_tower."
+NEW_KEY_PREFIXES = ("model.multi_modal_projector.", "model.image_newline")
+
+
+def composite_key(part: str, key: str) -> str | None:
+    """The composite's name for `key` of the LLM (`part="llm"`) or the tower (`"tower"`); None: not one of ours."""
+    if part == "tower":
+        return TOWER_KEY_PREFIX + key
+    for prefix, target in LLM_KEY_PREFIXES:
+        if key.startswith(prefix):
+            return target + key[len(prefix):]
+    return None
+
+
+def check_composite_keys(missing: set[str] | list[str], unexpected: set[str] | list[str] = ()) -> None:
+    """After loading the parts: every tensor but the new ones came from them, and nothing else was given."""
+    left = sorted(key for key in missing if not key.startswith(NEW_KEY_PREFIXES))
+    if left or unexpected:
+        raise ValueError(f"the LLM and tower weights do not fill the composite: {len(left)} missing (e.g. "
+                         f"{left[:3]}), {len(unexpected)} not in it (e.g. {sorted(unexpected)[:3]})")
+
+
+@dataclass
+class VLMPlan:
+    """What a build composes before any weight is read: sources, tokenizer, image settings, the parts' configs."""
+
+    llm_path: str
+    tower_path: str
+    tokenizer: PreTrainedTokenizerBase
+    settings: VLMSettings
+    llm_config: object
+    tower_config: object
+    select_strategy: str
+    select_layer: int
+    image_token_id: int
+    resize_to: int | None  # the LLM's vocabulary grows to this when <image> is a new token
+
+    def composite_config(self):
+        """The composite's config, at the LLM's own vocabulary size (a resize follows the loading)."""
+        return compose_config(self.llm_config, self.tower_config, self.settings, self.image_token_id,
+                              select_strategy=self.select_strategy, select_layer=self.select_layer)
+
+
+def plan_vlm(spec: VLMSpec) -> VLMPlan:
+    """Resolve the sources and read the configs, tokenizer and image settings (no weights)."""
     tower_preset = spec.tower_preset or presets.tower_preset(spec.tower)
     llm_path = presets.resolve_llm(spec.llm)
     tower_path = resolve_tower_path(spec.tower, tower_preset, spec.allow_pickle)
     tokenizer = load_tokenizer(llm_path, spec.template)
-    llm = AutoModelForCausalLM.from_pretrained(llm_path, dtype=dtype)
-    tower = load_vision_tower(tower_path, dtype=dtype)
-    settings, strategy, layer = image_settings(spec, tower.config, tower_path, tower_preset)
+    llm_config = AutoConfig.from_pretrained(llm_path)
+    tower_config = load_tower_config(tower_path)
+    settings, strategy, layer = image_settings(spec, tower_config, tower_path, tower_preset)
     image_token_id = tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
-    if image_token_id >= llm.config.vocab_size:
-        llm.resize_token_embeddings(len(tokenizer))
-    config = compose_config(llm.config, tower.config, settings, image_token_id, select_strategy=strategy,
-                            select_layer=layer)
+    resize_to = len(tokenizer) if image_token_id >= llm_config.vocab_size else None
+    return VLMPlan(llm_path, tower_path, tokenizer, settings, llm_config, tower_config, strategy, layer,
+                   image_token_id, resize_to)
+
+
+def build_vlm(spec: VLMSpec) -> tuple[PreTrainedModel, PreTrainedTokenizerBase, VLMSettings]:
+    """A fresh composite with the LLM's and tower's pretrained weights, a new projector and image_newline.
+
+    Every part is loaded whole in this process; under ZeRO-3, `model.sharded.build_vlm_partitioned` builds the same
+    model partitioned."""
+    dtype = getattr(torch, spec.dtype)
+    plan = plan_vlm(spec)
+    llm = AutoModelForCausalLM.from_pretrained(plan.llm_path, dtype=dtype)
+    tower = load_vision_tower(plan.tower_path, dtype=dtype)
     with no_init_weights():
-        model = AutoModelForImageTextToText.from_config(config, dtype=dtype)
-    model.model.language_model.load_state_dict(llm.model.state_dict(), assign=True)
-    model.lm_head.load_state_dict(llm.lm_head.state_dict(), assign=True)
-    model.model.vision_tower.load_state_dict(tower.state_dict(), assign=True)
+        model = AutoModelForImageTextToText.from_config(plan.composite_config(), dtype=dtype)
+    state = {composite_key(part, key): tensor for part, module in (("llm", llm), ("tower", tower))
+             for key, tensor in module.state_dict().items() if composite_key(part, key) is not None}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    check_composite_keys(missing, unexpected)
+    if plan.resize_to is not None:  # on the composite, after it exists: the random draws come in one order in both
+        model.resize_token_embeddings(plan.resize_to)  # builds (constructing the tower draws from the generator)
     init_projector_and_newline(model, spec.seed)
     if llm.generation_config is not None:
         model.generation_config = llm.generation_config
     model.tie_weights()
-    del llm, tower
-    return model, tokenizer, settings
+    del llm, tower, state
+    return model, plan.tokenizer, plan.settings

@@ -96,10 +96,12 @@ def build_hf_processor(tokenizer: PreTrainedTokenizerBase, settings: VLMSettings
 
 
 def save_vlm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, settings: VLMSettings,
-             folder: str | Path, *, state_dict: dict | None = None) -> Path:
+             folder: str | Path, *, state_dict: dict | None = None, weights: bool = True) -> Path:
     """Write an HF-native folder: config (with `mlcd_vl` settings), safetensors, tokenizer, processor.
 
-    `state_dict` replaces the model's own tensors (e.g. the consolidated weights of a ZeRO-3 model).
+    `state_dict` replaces the model's own tensors. `weights=False` writes everything but the weights (a ZeRO-3
+    model's are streamed into the folder afterwards by `train.zero.save_streamed`; `save_pretrained` would delete
+    weight files written before it).
     """
     folder = Path(folder)
     expected = model_type_for(settings.image_mode, settings.merge_type)
@@ -107,7 +109,7 @@ def save_vlm(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, setting
         raise CheckpointError(f"settings {settings.image_mode}/{settings.merge_type} need a {expected} model, "
                               f"got {model.config.model_type}")
     setattr(model.config, SETTINGS_KEY, settings.to_dict())
-    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict)
+    model.save_pretrained(folder, safe_serialization=True, state_dict=state_dict if weights else {})
     tokenizer.padding_side = "left"  # batched generation pads on the left; training sets its own side
     processor = build_hf_processor(tokenizer, settings, expected, model.config.vision_feature_select_strategy)
     processor.save_pretrained(folder)
@@ -167,10 +169,7 @@ def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, devi
     if folder.exists():
         _check_folder(folder)
     config = _read_config(folder)
-    if config.model_type not in SUPPORTED_MODEL_TYPES:
-        raise CheckpointError(f"{folder}: model type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
-                              "upstream LLaVA checkpoints need `mlcd-vl convert` first")
-    settings = settings_from_config(config)
+    settings = check_model_type(folder, config)
     if dtype is None:
         dtype = torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
     elif isinstance(dtype, str):
@@ -193,11 +192,24 @@ def load_vlm(folder: str | Path, *, dtype: torch.dtype | str | None = None, devi
     if extra:  # unused tensors change nothing the model computes: worth a warning, not a refusal
         log.warning("%s: tensors the %s model does not use were ignored:\n%s", folder, config.model_type, extra)
     model.to(device).eval()
+    return model, checkpoint_tokenizer(folder, model.config, settings), settings
+
+
+def check_model_type(folder: str | Path, config) -> VLMSettings:
+    """A folder's config is one of the LLaVA composites; returns its settings."""
+    if config.model_type not in SUPPORTED_MODEL_TYPES:
+        raise CheckpointError(f"{folder}: model type {config.model_type!r} is not one of {SUPPORTED_MODEL_TYPES}; "
+                              "upstream LLaVA checkpoints need `mlcd-vl convert` first")
+    return settings_from_config(config)
+
+
+def checkpoint_tokenizer(folder: str | Path, config, settings: VLMSettings) -> PreTrainedTokenizerBase:
+    """The folder's tokenizer with our template, its <image> id checked against the model config."""
     tokenizer = prepare_tokenizer(AutoTokenizer.from_pretrained(folder), settings.template)
-    if tokenizer.convert_tokens_to_ids("<image>") != model.config.image_token_id:
+    if tokenizer.convert_tokens_to_ids("<image>") != config.image_token_id:
         raise CheckpointError(f"{folder}: tokenizer's <image> id differs from config image_token_id "
-                              f"{model.config.image_token_id}")
-    return model, tokenizer, settings
+                              f"{config.image_token_id}")
+    return tokenizer
 
 
 def read_settings(folder: str | Path) -> VLMSettings:

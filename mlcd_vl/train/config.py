@@ -62,6 +62,9 @@ class ModelConfig:
     checkpoint: str | None = None  # an HF-native VLM folder to continue from (all weights, tokenizer, image settings)
     allow_pickle: bool = False  # permit pickle (weights_only=True): upstream's mm_projector.bin, DFN5B's OpenCLIP tower
     attn_implementation: str = "sdpa"  # sdpa (packed rows: per-sample sdpa_varlen) | sdpa_varlen | eager | flash_attention_2
+    # ZeRO-3 only: build the VLM partitioned (zero.Init + safetensors read tensor by tensor, `model.sharded`); false
+    # builds the whole fp32 model on every rank first (more host memory per rank; reads any weight format)
+    sharded_init: bool = True
 
 
 @dataclass

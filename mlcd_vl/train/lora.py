@@ -12,9 +12,10 @@ checkpoint) and resume are those of an ordinary run. Before the final save the a
 weights, so the saved folder is the plain model:
 
 * `merge`: PEFT's `merge_and_unload` on the module, when it holds its weights (one process, DDP, ZeRO-1/2);
-* `merge_consolidated`: under ZeRO-3 the module's parameters are partitioned (empty on every rank), so the merge is
-  done on the consolidated fp32 state dict instead (`merge_state_dict`: W = W_base + (B @ A) * scaling, PEFT's own
-  per-layer scaling), and the module is only un-injected (`unload`) so its structure is the plain model's again.
+* under ZeRO-3 the module's parameters are partitioned (empty on every rank), so the merge is done on the tensors as
+  the final save streams them (`train.zero.save_streamed`): `merged_layout` says which PEFT tensors make each tensor
+  of the plain model, `merge_state_dict` merges one layer's (W = W_base + (B @ A) * scaling, PEFT's own per-layer
+  scaling), and the module is only un-injected afterwards (`unload`) so its structure is the plain model's again.
 """
 
 from __future__ import annotations
@@ -120,9 +121,26 @@ def merge_state_dict(state: dict[str, torch.Tensor], scalings: dict[str, float],
     return merged
 
 
-def merge_consolidated(tuner, state: dict[str, torch.Tensor]) -> tuple[nn.Module, dict[str, torch.Tensor]]:
-    """ZeRO-3's merge: `state` (the consolidated fp32 weights, PEFT names; consumed) merged on the tensors, and the
-    module un-injected (`unload`: layers swapped back, its partitioned parameters untouched). Returns the plain VLM
-    (the object the adapters were injected into) and the merged state dict, for `save_vlm(..., state_dict=...)`."""
-    merged = merge_state_dict(state, layer_scalings(tuner.model))
-    return tuner.unload(), merged
+def merged_layout(names: list[str], scalings: dict[str, float],
+                  adapter: str = ADAPTER) -> list[tuple[str, list[str]]]:
+    """The plain model's tensor names in the order of `names` (PEFT names), each with the tensors it is made from:
+    an adapted layer's weight from its base weight and its A and B (to `merge_state_dict` together), any other
+    tensor from itself (`base_layer.` dropped from its name). A lora tensor of no adapted layer is an error."""
+    layout, used = [], set()
+    for name in names:
+        if ".lora_" in name:
+            continue
+        layer, found, rest = name.rpartition(".base_layer.")
+        if not found:
+            layout.append((name, [name]))
+            continue
+        if layer not in scalings:
+            raise ValueError(f"{name}: a base layer with no adapter scaling (not an adapted layer?)")
+        sources = [name] + ([f"{layer}.lora_A.{adapter}.weight", f"{layer}.lora_B.{adapter}.weight"]
+                            if rest == "weight" else [])
+        layout.append((f"{layer}.{rest}", sources))
+        used.update(sources)
+    left = sorted(name for name in names if ".lora_" in name and name not in used)
+    if left:
+        raise ValueError(f"{len(left)} lora tensor(s) of no merged layer, e.g. {left[:3]}")
+    return layout

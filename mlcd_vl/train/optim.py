@@ -25,7 +25,6 @@ The projector artifact of stage 1 is `projector.safetensors` (keys `model.multi_
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,6 +33,7 @@ import torch
 from torch import nn
 
 from mlcd_vl.errors import UsageError
+from mlcd_vl.model.gathered import full_shape, gathered
 from mlcd_vl.model.upstream_format import PROJECTOR_FILE as UPSTREAM_PROJECTOR_FILE
 from mlcd_vl.model.upstream_format import hf_to_upstream_key, upstream_to_hf_key
 from mlcd_vl.train.config import TUNABLE_PARTS, OptimConfig
@@ -217,20 +217,11 @@ def build_scheduler(optimizer: torch.optim.Optimizer, optim: OptimConfig, total_
 # ----------------------------------------------------------------------------------------------------------------
 
 
-def _gathered(params: list[torch.Tensor], modifier_rank: int | None = None):
-    """Full parameters for the block (DeepSpeed ZeRO-3 partitions them); a no-op for ordinary tensors."""
-    if any(hasattr(p, "ds_id") for p in params):
-        import deepspeed
-
-        return deepspeed.zero.GatheredParameters(params, modifier_rank=modifier_rank)
-    return contextlib.nullcontext()
-
-
 def projector_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     """The projector's tensors on CPU, keys `model.multi_modal_projector.linear_{1,2}.{weight,bias}`."""
     projector = model.model.multi_modal_projector
     params = dict(projector.named_parameters())
-    with _gathered(list(params.values())):
+    with gathered(list(params.values())):
         return {PROJECTOR_PREFIX + name: p.detach().to("cpu", copy=True).contiguous() for name, p in params.items()}
 
 
@@ -323,11 +314,11 @@ def load_projector(model: nn.Module, source: str | Path, *, allow_pickle: bool =
     state, origin = read_projector(source, allow_pickle=allow_pickle)
     params = dict(model.model.multi_modal_projector.named_parameters())
     for key, tensor in state.items():
-        expected = tuple(getattr(params[key], "ds_shape", params[key].shape))
+        expected = full_shape(params[key])
         if tuple(tensor.shape) != expected:
             raise ProjectorError(f"{origin}: {key} has shape {tuple(tensor.shape)}, the model needs {expected} "
                                  "(a projector for another tower or LLM?)")
-    with _gathered(list(params.values()), modifier_rank=0), torch.no_grad():
+    with gathered(list(params.values()), modifier_rank=0), torch.no_grad():
         for key, tensor in state.items():
             params[key].copy_(tensor.to(params[key].dtype))
     return origin

@@ -21,9 +21,10 @@ Launch: one process as is; several with `accelerate launch [--use_deepspeed ...]
 `torchrun --nproc_per_node N -m mlcd_vl.train RECIPE`; the recipe's `deepspeed:` JSON is used when set.
 Checkpoints every `save_steps` (`checkpointing`), resumed from the newest one by default (`resume: latest`).
 DeepSpeed (`zero`): the recipe's JSON with every "auto" filled from the recipe; torch AdamW and our schedule are
-handed over (the schedule stays ours: stepped once per optimizer step, saved with the checkpoint); ZeRO-3's final
-weights are consolidated from a sharded save. LoRA (`lora`): adapters on the LLM, merged before the final save (with
-ZeRO-3 on the consolidated tensors, `lora.merge_consolidated`, since the module's parameters are partitioned).
+handed over (the schedule stays ours: stepped once per optimizer step, saved with the checkpoint). Under ZeRO-3 the
+model is built partitioned (`model.sharded`, unless `model.sharded_init=false`) and the final weights are streamed
+into the folder shard by shard (`zero.save_streamed`). LoRA (`lora`): adapters on the LLM, merged before the final
+save (with ZeRO-3 layer by layer as the weights stream, since the module's parameters are partitioned).
 Logging: `report_to: tensorboard | wandb` (accelerate's trackers; `WANDB_MODE=offline` works without a key).
 """
 
@@ -74,7 +75,7 @@ class TrainResult:
     model: torch.nn.Module | None = field(default=None, repr=False)  # the final (merged) VLM, main process
 
 
-def _accelerator(config, model):
+def _accelerator(config, hidden_size: int):
     """accelerate's Accelerator for this recipe (DeepSpeed when the recipe names a config)."""
     import torch
     from accelerate import Accelerator, PartialState
@@ -91,8 +92,7 @@ def _accelerator(config, model):
     if config.report_to != "none":
         kwargs.update(log_with=config.report_to, project_dir=config.output_dir)
     if config.deepspeed:
-        hidden = model.config.text_config.hidden_size
-        ds = deepspeed_config(config, hidden, state.num_processes, precision)
+        ds = deepspeed_config(config, hidden_size, state.num_processes, precision)
         kwargs["deepspeed_plugin"] = DeepSpeedPlugin(hf_ds_config=ds)
     return Accelerator(**kwargs)
 
@@ -135,8 +135,16 @@ def train(config) -> TrainResult:
         + (f"; deepspeed {config.deepspeed}" if config.deepspeed else "") + f"; output {output_dir}")
 
     # 2. Model ----------------------------------------------------------------------------------------------------
-    with state.main_process_first():  # the tiny preset is written once
-        vlm, tokenizer, settings, origin = models.build_model(config)
+    if config.model.sharded_init and zero.zero3_requested(config):
+        with state.main_process_first():  # the tiny preset written, the weights fetched, once
+            models.fetch_sources(config)
+        ds = zero.deepspeed_config(config, models.llm_hidden_size(config), world_size,
+                                   config.precision_for(state.device.type))
+        vlm, tokenizer, settings, origin = models.build_model(config, ds)  # every rank at once: partitioned
+        say(f"model built partitioned under ZeRO-3 across {world_size} process(es) (model.sharded_init)")
+    else:
+        with state.main_process_first():  # the tiny preset is written once
+            vlm, tokenizer, settings, origin = models.build_model(config)
     if origin:
         say(f"projector loaded from {origin}")
     if config.model.checkpoint:
@@ -153,7 +161,7 @@ def train(config) -> TrainResult:
     flops = metrics.FlopsModel.from_summary(summary)
     optimizer = optim.build_optimizer(vlm, config.optim)
     group_names = [group["name"] for group in optimizer.param_groups]
-    accelerator = _accelerator(config, vlm)
+    accelerator = _accelerator(config, vlm.config.text_config.hidden_size)
 
     # 4. Data -----------------------------------------------------------------------------------------------------
     with state.main_process_first():  # the main process scans; the others read its lengths
@@ -249,21 +257,25 @@ def train(config) -> TrainResult:
 
     # 6. Save -----------------------------------------------------------------------------------------------------
     accelerator.wait_for_everyone()
-    full_state = None
-    if accelerator.distributed_type == "DEEPSPEED" and zero.zero_stage(accelerator) == 3:  # every rank takes part
-        full_state = zero.consolidated_state_dict(accelerator, model, output_dir, step)
+    vlm = accelerator.unwrap_model(model).vlm
+    projector = None
+    if accelerator.distributed_type == "DEEPSPEED" and zero.zero_stage(accelerator) == 3:
+        # partitioned: every rank gathers parameter by parameter, the main process writes shard by shard
+        if main:  # config, tokenizer and processor first (save_pretrained clears older weight files)
+            save_vlm(vlm, tokenizer, settings, output_dir, weights=False)
+        accelerator.wait_for_everyone()
+        projector = zero.save_streamed(vlm, output_dir, scalings=lora.layer_scalings(vlm) if tuner else None,
+                                       keep_prefix=optim.PROJECTOR_PREFIX if stage1 else None)
+        if tuner is not None:
+            vlm = tuner.unload()  # the adapters were merged into the saved weights
+    elif main:
+        if tuner is not None:
+            vlm = lora.merge(tuner)  # a plain model again: the saved folder needs no PEFT
+        save_vlm(vlm, tokenizer, settings, output_dir)
     final = None
     if main:
-        vlm = accelerator.unwrap_model(model).vlm
-        if tuner is not None and full_state is not None:  # ZeRO-3: partitioned parameters, merge the tensors
-            vlm, full_state = lora.merge_consolidated(tuner, full_state)
-        elif tuner is not None:
-            vlm = lora.merge(tuner)  # a plain model again: the saved folder needs no PEFT
         final = vlm
-        save_vlm(vlm, tokenizer, settings, output_dir, state_dict=full_state)
         if stage1:
-            projector = None if full_state is None else {
-                k: v for k, v in full_state.items() if k.startswith(optim.PROJECTOR_PREFIX)}
             optim.save_projector(vlm, output_dir, upstream_bin=config.save_upstream_projector, state=projector)
         problems = {"scan": data.scan_log.to_dict(), "training": run_log.to_dict()}
         (output_dir / PROBLEMS_FILE).write_text(json.dumps(problems, indent=2) + "\n")

@@ -3,19 +3,17 @@ ZeRO-3 run's final weights.
 
 ZeRO-1/2 keep every parameter whole on every rank, so the module itself is saved as without DeepSpeed.
 
-ZeRO-3 partitions parameters across ranks. Two ways to get them back whole:
-
-* gather the 16-bit weights onto rank 0 (`stage3_gather_16bit_weights_on_model_save`, accelerate's
-  `get_state_dict`): one collective per parameter, all of the model in rank 0's memory at once, under the
-  collective timeout; known to hang or time out at the end of long 7B runs (anchors section 3, "Hang or NCCL
-  timeout at final save"), and it rounds the fp32 master weights to 16 bits;
-* sharded (what this module does): every rank writes its own partition with `engine.save_checkpoint` (no gather,
-  only a barrier), then the main process rebuilds the fp32 weights from the files with DeepSpeed's own
-  `zero_to_fp32` reader (file reads, no collective, so no timeout). The price is disk: the scratch checkpoint also
-  holds the optimizer partitions (about 12 bytes per trainable parameter), and it is deleted afterwards; and on
-  several nodes `output_dir` must be a filesystem they all share (the main process reads every rank's files).
-
-The sharded path is used; `stage3_gather_16bit_weights_on_model_save` in the JSON configs is left as upstream had
+ZeRO-3 partitions parameters across ranks (from the start: `model.sharded` builds the model partitioned). The final
+save (`save_streamed`) writes the HF-native safetensors shards (about `SHARD_SIZE` each, with the index json, the key
+layout `save_pretrained` writes) tensor by tensor: every rank takes part in gathering one parameter at a time, the
+whole fp32 master weight of a trainable parameter (`deepspeed.utils.safe_get_full_fp32_param`, what the optimizer
+holds) or the module's tensor of a frozen one, and the main process keeps it until its shard is written. So no
+process ever holds more than one shard, nothing is written but the folder itself (no scratch checkpoint), and the
+output folder need not be shared between nodes. LoRA adapters are merged as the layers stream (`lora.merged_layout`).
+The tensors equal what DeepSpeed's `zero_to_fp32` rebuilds from a sharded checkpoint bit for bit
+(tests/test_zero3_sharded.py); each gather is one collective on one parameter, with every rank walking the same list,
+so no gather outlasts the collective timeout as a whole-model gather onto rank 0 can (anchors section 3, "Hang or
+NCCL timeout at final save"). `stage3_gather_16bit_weights_on_model_save` in the JSON configs is left as upstream had
 it and is not relied on.
 """
 
@@ -23,14 +21,17 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import socket
 from pathlib import Path
 
+import torch
+
+from mlcd_vl.model.gathered import full_shape, gathered, is_main_rank
+from mlcd_vl.model.sharded import persistent_buffers
 from mlcd_vl.train.config import TrainConfig
 
-SCRATCH_NAME = "zero3-final.tmp"
-PREFIX = "vlm."  # the wrapped module is `step.TrainingForward`, whose only child is `vlm`
+SHARD_SIZE = "2GB"  # the final save's shards: the most the main process holds at once
+WEIGHTS_PATTERN, INDEX_FILE = "model{suffix}.safetensors", "model.safetensors.index.json"  # save_pretrained's names
 
 
 def deepspeed_config(config: TrainConfig, hidden_size: int, world_size: int, precision: str) -> dict:
@@ -78,24 +79,90 @@ def zero_stage(accelerator) -> int:
     return int(plugin.zero_stage) if plugin is not None else 0
 
 
-def consolidated_state_dict(accelerator, model, output_dir: str | Path, step: int) -> dict | None:
-    """A ZeRO-3 engine's full fp32 state dict (keys as `vlm.state_dict()`) on the main process, None elsewhere.
+def zero3_requested(config: TrainConfig) -> bool:
+    """The recipe's DeepSpeed JSON asks for ZeRO stage 3."""
+    if not config.deepspeed:
+        return False
+    stage = json.loads(Path(config.deepspeed).read_text()).get("zero_optimization", {}).get("stage", 0)
+    return int(stage) == 3
 
-    Every rank must call it. (Under ZeRO-1/2 the unwrapped module already holds every weight whole.)
+
+def _whole(tensor: torch.Tensor, buffer: bool, main: bool) -> torch.Tensor | None:
+    """A parameter's or buffer's whole value on the CPU for the main process (None elsewhere); every rank calls it
+    for every parameter in the same order (collectives)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    if buffer:  # never partitioned; saved in fp32 as zero_to_fp32 restores them
+        return tensor.detach().to("cpu", torch.float32 if tensor.is_floating_point() else None, copy=True) \
+            if main else None
+    value = safe_get_full_fp32_param(tensor)  # the optimizer's fp32 master weight of a trainable parameter
+    if value is not None:
+        return value.to("cpu", copy=True) if main else None
+    with gathered([tensor]):  # frozen: the module's own tensor
+        return tensor.detach().to("cpu", copy=True) if main else None
+
+
+def _saved_dtype(tensor: torch.Tensor, buffer: bool) -> torch.dtype:
+    if buffer:
+        return torch.float32 if tensor.is_floating_point() else tensor.dtype
+    return torch.float32 if tensor.requires_grad else tensor.dtype
+
+
+def save_streamed(vlm, folder: str | Path, *, scalings: dict[str, float] | None = None,
+                  keep_prefix: str | None = None, max_shard_size: int | str = SHARD_SIZE) -> dict[str, torch.Tensor]:
+    """Write a ZeRO-3 model's weights into `folder` shard by shard (module docstring); every rank must call it.
+
+    `vlm` is the unwrapped model (LoRA still injected when `scalings`, `lora.layer_scalings`, is given: the adapters
+    are merged). The main process writes the files and returns the tensors whose names start with `keep_prefix`
+    (e.g. the projector, for stage 1's artifact); other ranks return {}. Call `save_vlm(..., weights=False)` first:
+    `save_pretrained` clears older weight files.
     """
-    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from huggingface_hub import split_torch_state_dict_into_shards
+    from safetensors.torch import save_file
+    from transformers.core_model_loading import revert_weight_conversion
 
-    scratch = Path(output_dir) / SCRATCH_NAME
-    tag = f"global_step{step}"
-    if accelerator.is_main_process and scratch.exists():
-        shutil.rmtree(scratch)
-    accelerator.wait_for_everyone()
-    model.save_checkpoint(str(scratch), tag=tag)  # the engine: every rank writes its own partition
-    accelerator.wait_for_everyone()
-    state = None
-    if accelerator.is_main_process:
-        state = get_fp32_state_dict_from_zero_checkpoint(str(scratch), tag=tag)
-        state = {k.removeprefix(PREFIX): v for k, v in state.items()}
-        shutil.rmtree(scratch)
-    accelerator.wait_for_everyone()
-    return state
+    from mlcd_vl.train import lora
+
+    folder, main = Path(folder), is_main_rank()
+    params = dict(vlm.named_parameters())  # tied aliases once, under the name save_pretrained keeps
+    buffers = {name: tensor for name, tensor in persistent_buffers(vlm).items() if name not in params}
+    names = [*params, *buffers]
+    layout = lora.merged_layout(names, scalings) if scalings else [(name, [name]) for name in names]
+    layout = [(name, sources) for name, sources in layout if name not in (vlm._keys_to_ignore_on_save or ())]
+    meta = {}
+    for name, sources in layout:  # the base weight decides a merged tensor's dtype
+        tensor = params.get(sources[0], buffers.get(sources[0]))
+        meta[name] = torch.empty(full_shape(tensor), dtype=_saved_dtype(tensor, sources[0] in buffers),
+                                 device="meta")
+    saved_as = {id(tensor): key for key, tensor in revert_weight_conversion(vlm, dict(meta)).items()}
+    if len(saved_as) != len(meta):
+        raise ValueError("transformers' save layout merges or splits tensors of this model; streamed save unsupported")
+    plan = {saved_as[id(meta[name])]: (name, sources) for name, sources in layout}
+    split = split_torch_state_dict_into_shards({key: meta[name] for key, (name, _) in plan.items()},
+                                               filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+    if main:
+        folder.mkdir(parents=True, exist_ok=True)
+        for old in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
+            if old.is_file() and old.name not in split.filename_to_tensors:
+                old.unlink()
+    kept: dict[str, torch.Tensor] = {}
+    for file_name, keys in split.filename_to_tensors.items():
+        shard = {}
+        for key in keys:
+            name, sources = plan[key]
+            values = {source: _whole(params.get(source, buffers.get(source)), source in buffers, main)
+                      for source in sources}
+            if not main:
+                continue
+            value = values[sources[0]] if len(sources) == 1 else lora.merge_state_dict(values, scalings)[name]
+            shard[key] = value.contiguous()
+            if keep_prefix and name.startswith(keep_prefix):
+                kept[name] = value
+        if main:
+            save_file(shard, str(folder / file_name), metadata={"format": "pt"})
+        del shard
+    if main and split.is_sharded:
+        total = sum(meta[name].numel() for name, sources in layout if sources[0] in params)
+        index = {"metadata": {"total_parameters": total, **split.metadata}, "weight_map": split.tensor_to_filename}
+        (folder / INDEX_FILE).write_text(json.dumps(index, indent=2, sort_keys=True) + "\n")
+    return kept
