@@ -6,9 +6,10 @@ frozen; three optimizer steps of global batch 4 (one process: 2 per device x 2 a
 text-only record on the other). Three launches serve every test: the reference, the ZeRO-3 run (checkpoint at step
 2), and that run resumed from its step-2 checkpoint.
 
-Under ZeRO-3 the adapters are merged on the consolidated fp32 state dict (`lora.merge_consolidated`): the final folder
-must be the plain model (no adapter or base_layer keys), load with `load_vlm` and plain transformers, and hold the
-one-process merged weights (`merge_and_unload`) within the tolerances of `test_train_deepspeed`.
+Under ZeRO-3 the adapters are merged layer by layer as the final save streams the weights (`zero.save_streamed` with
+`lora.merged_layout`; the model is built partitioned): the final folder must be the plain model (no adapter or
+base_layer keys), load with `load_vlm` and plain transformers, and hold the one-process merged weights
+(`merge_and_unload`) within the tolerances of `test_train_deepspeed`.
 """
 
 from __future__ import annotations

@@ -82,7 +82,7 @@ def compare(whole, part) -> dict:
             / sum(p.ds_numel for p in part_params.values() if is_partitioned(p)),
             "config_equal": whole.config.to_dict() == part.config.to_dict(),
             "generation_equal": whole.generation_config.to_dict() == part.generation_config.to_dict(),
-            "vocab": part.config.text_config.vocab_size}
+            "vocab": part.config.text_config.vocab_size, "image_token_id": part.config.image_token_id}
 
 
 def ds_config() -> dict:

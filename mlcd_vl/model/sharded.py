@@ -21,8 +21,10 @@
 transformers' renaming for the composite (our folders keep transformers' saved key layout).
 
 So a rank holds its partition of the model, one whole parameter while it is loaded, and transformers' construction
-of one module at a time. The result equals the whole-model build tensor for tensor (tests/test_zero3_sharded.py).
-Only safetensors weights can be read this way; `model.sharded_init=false` builds the whole model first, as before.
+of one module at a time (the host memory each of those freed is handed back at once, `gathered.release_freed_memory`;
+measured in bench/zero3_memory.py). The result equals the whole-model build tensor for tensor
+(tests/test_zero3_sharded.py). Only safetensors weights can be read this way; `model.sharded_init=false` builds the
+whole model first, as before.
 """
 
 from __future__ import annotations
@@ -36,7 +38,7 @@ from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelF
 
 from mlcd_vl.model.build import (VLMSpec, check_composite_keys, composite_key, init_projector_and_newline,
                                  plan_vlm)
-from mlcd_vl.model.gathered import full_shape, gathered, is_main_rank, is_partitioned
+from mlcd_vl.model.gathered import full_shape, gathered, is_main_rank, is_partitioned, release_freed_memory
 
 INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 
@@ -100,33 +102,36 @@ def source_keys(files: list[Path], model: torch.nn.Module) -> dict[str, tuple[Pa
 
 def load_partitioned(model: torch.nn.Module, sources: dict[str, tuple[Path, str]]) -> list[str]:
     """Copy the `sources` tensors into `model` one at a time (a partitioned parameter gathered for its copy, rank 0
-    reading the value; buffers and ordinary parameters on every rank). Returns the parameter names left unset."""
+    reading the value; buffers and ordinary parameters on every rank). Returns the parameter names left unset.
+
+    Each tensor's file is opened for that tensor only: `get_tensor` maps the file and the pages it touches stay
+    resident while the file is open, so an open handle would end up holding the whole file. The host memory freed by
+    each gather is handed back at once (`release_freed_memory`), so the peak is the partition plus one tensor."""
     from safetensors import safe_open
 
     params = dict(model.named_parameters(remove_duplicate=False))
     buffers = dict(model.named_buffers(remove_duplicate=False))
     reader = is_main_rank()
     done: set[int] = set()
-    with contextlib.ExitStack() as stack:
-        handles = {file: stack.enter_context(safe_open(str(file), framework="pt"))
-                   for file in sorted({file for file, _ in sources.values()})}
-        for name in model_names(model):
-            target = params.get(name, buffers.get(name))
-            if name not in sources or id(target) in done:  # a tied alias is loaded once, under its first name
-                continue
-            file, key = sources[name]
-            shape = tuple(handles[file].get_slice(key).get_shape())
+    for name in model_names(model):
+        target = params.get(name, buffers.get(name))
+        if name not in sources or id(target) in done:  # a tied alias is loaded once, under its first name
+            continue
+        file, key = sources[name]
+        with safe_open(str(file), framework="pt") as handle:
+            shape = tuple(handle.get_slice(key).get_shape())
             if shape != full_shape(target):
                 raise ValueError(f"{file}: {key} has shape {list(shape)}, the model's {name} needs "
                                  f"{list(full_shape(target))}")
             if is_partitioned(target):
                 with gathered([target], modifier_rank=0), torch.no_grad():
                     if reader:
-                        target.copy_(handles[file].get_tensor(key))
+                        target.copy_(handle.get_tensor(key))
             else:
                 with torch.no_grad():
-                    target.copy_(handles[file].get_tensor(key))
-            done.add(id(target))
+                    target.copy_(handle.get_tensor(key))
+        release_freed_memory()
+        done.add(id(target))
     return [name for name, param in params.items() if id(param) not in done]
 
 
@@ -153,8 +158,23 @@ def compose_partitioned(config, ds_config: dict) -> torch.nn.Module:
         import torch.distributed as dist
 
         deepspeed.init_distributed(dist_backend=dist.get_backend() if dist.is_initialized() else None)
-    with no_init_weights(), prevent_arange_dtype_change(), deepspeed.zero.Init(config_dict_or_path=ds_config):
+    with no_init_weights(), prevent_arange_dtype_change(), _partitioning_init(ds_config):
         return AutoModelForImageTextToText.from_config(config, dtype=zero_init_dtype(ds_config))
+
+
+def _partitioning_init(ds_config: dict):
+    """`deepspeed.zero.Init` that hands each module's whole-parameter memory back to the system once it is
+    partitioned (each module is built whole, then partitioned by DeepSpeed's post-init hook; without the release
+    the freed blocks would pile up on the host, `model.gathered`)."""
+    import deepspeed
+
+    class ReleasingInit(deepspeed.zero.Init):
+        def _post_init_method(self, module):
+            super()._post_init_method(module)
+            if next(module.parameters(recurse=False), None) is not None:
+                release_freed_memory()
+
+    return ReleasingInit(config_dict_or_path=ds_config)
 
 
 @contextlib.contextmanager

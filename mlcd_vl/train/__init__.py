@@ -12,7 +12,7 @@
   or Liger's fused kernel (`optim.loss_impl`).
 - `step`: the `TrainBatch` contract, `forward_loss`, `TrainingForward` (what DDP / DeepSpeed wrap) and
   `optimizer_step`.
-- `zero`: DeepSpeed's JSON filled from the recipe, one-process launches, ZeRO-3's consolidated final weights.
+- `zero`: DeepSpeed's JSON filled from the recipe, one-process launches, ZeRO-3's final weights streamed to disk.
 - `metrics` (throughput, MFU estimate, metrics.jsonl, loss curve), `checkpointing` (atomic checkpoints, resume).
 - `run`: the recipe top to bottom (`python -m mlcd_vl.train RECIPE key=value ...`); `launch`: the launcher scripts'
   pre-flight check. Nothing imports `run` but the CLI and `__main__`.

@@ -234,7 +234,7 @@ def save_projector(model: nn.Module | None, folder: str | Path, *, upstream_bin:
                    state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write `projector.safetensors` (and upstream's `mm_projector.bin` on request) into folder.
 
-    `state` (keys as `projector_state_dict` returns them, e.g. picked from a consolidated ZeRO-3 state dict)
+    `state` (keys as `projector_state_dict` returns them, e.g. kept by ZeRO-3's streamed final save)
     replaces reading the model.
     """
     from safetensors.torch import save_file

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from mlcd_vl.model.gathered import full_shape, gathered, is_main_rank
+from mlcd_vl.model.gathered import full_shape, gathered, is_main_rank, release_freed_memory
 from mlcd_vl.model.sharded import persistent_buffers
 from mlcd_vl.train.config import TrainConfig
 
@@ -109,7 +109,7 @@ def _saved_dtype(tensor: torch.Tensor, buffer: bool) -> torch.dtype:
 
 
 def save_streamed(vlm, folder: str | Path, *, scalings: dict[str, float] | None = None,
-                  keep_prefix: str | None = None, max_shard_size: int | str = SHARD_SIZE) -> dict[str, torch.Tensor]:
+                  keep_prefix: str | None = None, max_shard_size: int | str | None = None) -> dict[str, torch.Tensor]:
     """Write a ZeRO-3 model's weights into `folder` shard by shard (module docstring); every rank must call it.
 
     `vlm` is the unwrapped model (LoRA still injected when `scalings`, `lora.layer_scalings`, is given: the adapters
@@ -139,7 +139,8 @@ def save_streamed(vlm, folder: str | Path, *, scalings: dict[str, float] | None 
         raise ValueError("transformers' save layout merges or splits tensors of this model; streamed save unsupported")
     plan = {saved_as[id(meta[name])]: (name, sources) for name, sources in layout}
     split = split_torch_state_dict_into_shards({key: meta[name] for key, (name, _) in plan.items()},
-                                               filename_pattern=WEIGHTS_PATTERN, max_shard_size=max_shard_size)
+                                               filename_pattern=WEIGHTS_PATTERN,
+                                               max_shard_size=max_shard_size or SHARD_SIZE)
     if main:
         folder.mkdir(parents=True, exist_ok=True)
         for old in [*folder.glob("model*.safetensors"), folder / INDEX_FILE]:
@@ -152,15 +153,17 @@ def save_streamed(vlm, folder: str | Path, *, scalings: dict[str, float] | None 
             name, sources = plan[key]
             values = {source: _whole(params.get(source, buffers.get(source)), source in buffers, main)
                       for source in sources}
-            if not main:
-                continue
-            value = values[sources[0]] if len(sources) == 1 else lora.merge_state_dict(values, scalings)[name]
-            shard[key] = value.contiguous()
-            if keep_prefix and name.startswith(keep_prefix):
-                kept[name] = value
+            if main:
+                value = values[sources[0]] if len(sources) == 1 else lora.merge_state_dict(values, scalings)[name]
+                shard[key] = value.contiguous()
+                if keep_prefix and name.startswith(keep_prefix):
+                    kept[name] = value
+            del values
+            release_freed_memory()  # the gathered buffers (module docstring of model.gathered)
         if main:
             save_file(shard, str(folder / file_name), metadata={"format": "pt"})
         del shard
+        release_freed_memory()
     if main and split.is_sharded:
         total = sum(meta[name].numel() for name, sources in layout if sources[0] in params)
         index = {"metadata": {"total_parameters": total, **split.metadata}, "weight_map": split.tensor_to_filename}
