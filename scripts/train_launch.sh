@@ -5,7 +5,9 @@
 # Environment (upstream's names and defaults):
 #   NUM_GPUS=8 NNODES=1 NODE_RANK=0 MASTER_ADDR=localhost MASTER_PORT=29500
 #   RECIPE       the recipe YAML (default: the script's MLCD bigG-448 recipe)
-#   HOSTFILE     when set, launch with `deepspeed --hostfile HOSTFILE` instead of torchrun
+#   HOSTFILE     when set, launch with `deepspeed --hostfile HOSTFILE` instead of torchrun: from the first host, which
+#                starts every host's processes over passwordless ssh (pdsh); NNODES and NUM_GPUS pick from the file
+#   NO_SSH=1     with HOSTFILE: no ssh, start this script on every host with its NODE_RANK (DeepSpeed's --no_ssh)
 #   PYTHON       interpreter (default: $MLCD_VL_VENV or the repository's .venv if present, else python)
 # Arguments are recipe overrides (section.key=value), passed through, e.g. data.train=... optim.max_steps=10.
 # The recipe is checked first: a recipe with batch.global_batch_size that does not fit the launch stops here; the
@@ -37,8 +39,10 @@ fi
 "$PYTHON" -m mlcd_vl.train.launch --quiet "$RECIPE" --world-size $((NUM_GPUS * NNODES)) "$@"
 
 if [[ -n ${HOSTFILE:-} ]]; then
+  NO_SSH_ARGS=()
+  if [[ ${NO_SSH:-0} == 1 ]]; then NO_SSH_ARGS=(--no_ssh --node_rank "$NODE_RANK"); fi
   exec "$PYTHON" -m deepspeed.launcher.runner --hostfile "$HOSTFILE" --num_nodes "$NNODES" --num_gpus "$NUM_GPUS" \
-    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank \
+    --master_addr "$MASTER_ADDR" --master_port "$MASTER_PORT" --no_local_rank "${NO_SSH_ARGS[@]}" \
     --module mlcd_vl.train "$RECIPE" "$@"
 fi
 exec "$PYTHON" -m torch.distributed.run --nproc_per_node "$NUM_GPUS" --nnodes "$NNODES" --node_rank "$NODE_RANK" \

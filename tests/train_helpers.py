@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -123,6 +124,34 @@ def run_zero(data: dict, config: str, overrides: list[str],
     command = train_command("tiny_stage2.yaml", [*overrides, "batch.per_device_batch_size=1",
                                                  f"deepspeed={DEEPSPEED / config}"], processes=2)
     return launch(command, env_for(data), timeout)
+
+
+def free_port() -> int:
+    """A TCP port free on the loopback now (the OS picks it; never a fixed number)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_two_nodes(data: dict, config: str, overrides: list[str], timeout: float = LAUNCH_TIMEOUT,
+                  **env: str) -> None:
+    """`scripts/finetune.sh` started twice on this machine as two nodes of one process each (NNODES=2, NODE_RANK 0
+    and 1, MASTER_ADDR=127.0.0.1, a free port): the same run as `run_zero`'s one node with two processes. `env` adds
+    e.g. HOSTFILE and NO_SSH (the DeepSpeed launcher instead of torchrun)."""
+    command = ["bash", str(REPO / "scripts" / "finetune.sh"), *overrides, "batch.per_device_batch_size=1",
+               f"deepspeed={DEEPSPEED / config}"]
+    node_env = {"RECIPE": str(RECIPES / "tiny_stage2.yaml"), "NNODES": "2", "NUM_GPUS": "1",
+                "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()), **env}
+    nodes = [subprocess.Popen(command, env=env_for(data, NODE_RANK=str(rank), **node_env), cwd=REPO,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    try:
+        outputs = [node.communicate(timeout=timeout)[0] for node in nodes]
+    except subprocess.TimeoutExpired:
+        for node in nodes:
+            node.kill()
+        raise AssertionError(f"two-node run did not finish in {timeout} s (hang?): {' '.join(command)}") from None
+    for rank, (node, output) in enumerate(zip(nodes, outputs)):
+        assert node.returncode == 0, f"node {rank}: {' '.join(command)}\n{output[-4000:]}"
 
 
 def assert_same_steps(single: Path, other: Path) -> None:
