@@ -236,3 +236,12 @@ def test_study_cost_estimate_counts_the_real_architectures(bench, tmp_path):
     for row in ("| clip-vitL-336 | 304M | 576 /", "| siglip-so400m-384 | 428M | 729 /", "| dfn5b-vitH-378 | 631M | 729 /",
                 "| mlcd-bigG-336 | 1842M | 576 /", "| mlcd-bigG-448 | 1842M | 1024 /"):
         assert row in text, row
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_zero3_memory_quick(bench, tmp_path):
+    pytest.importorskip("deepspeed")
+    assert bench("zero3_memory").main(["--quick", "--out", str(tmp_path)]) == 0  # two launches: 1 and 2 processes
+    text = only_result(tmp_path, "zero3_memory", bench("common").machine_name())
+    assert "| after | 1 |" in text and "| after | 2 |" in text and "build growth per rank at 2 processes" in text
