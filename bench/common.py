@@ -114,6 +114,18 @@ def cuda_missing(script: str) -> bool:
     return True
 
 
+def extract_package(revision: str, folder: Path) -> Path:
+    """The `mlcd_vl` package as of a git revision, extracted under `folder` (a "before" for a side-by-side run:
+    put `folder` first on PYTHONPATH)."""
+    import subprocess
+
+    folder.mkdir(parents=True, exist_ok=True)
+    archive = subprocess.run(["git", "-C", str(REPO), "archive", revision, "mlcd_vl"], check=True,
+                             capture_output=True).stdout
+    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
+    return folder
+
+
 def command_line(script: str, argv: list[str] | None) -> str:
     args = sys.argv[1:] if argv is None else argv
     return " ".join(["python", f"bench/{script}", *args])

@@ -156,14 +156,6 @@ def make_data(folder: Path, count: int, seed: int = 0) -> tuple[Path, Path]:
     return path, images
 
 
-def extract_before(revision: str, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", revision, "mlcd_vl"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
-
-
 def launch(tree: Path, processes: int, data: Path, images: Path, tokenizer: Path, work: Path, workers: int,
            cache_dir: Path | None, port: int) -> list[dict]:
     run = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
@@ -243,7 +235,7 @@ def main(argv: list[str] | None = None) -> int:
         from mlcd_vl.model.tiny import write_tiny_assets
 
         tokenizer = write_tiny_assets(work / "tiny")["llm"]
-        before = extract_before(args.before, work / "before")
+        before = common.extract_package(args.before, work / "before")
         after = HERE.parent
         for count in counts:
             started = time.perf_counter()

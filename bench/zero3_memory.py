@@ -138,14 +138,6 @@ def write_assets(folder: Path, quick: bool) -> dict:
     return tiny.write_tiny_assets(folder, shapes=shapes)
 
 
-def extract_before(revision: str, folder: Path) -> Path:
-    folder.mkdir(parents=True, exist_ok=True)
-    archive = subprocess.run(["git", "-C", str(HERE.parent), "archive", revision, "mlcd_vl"], check=True,
-                             capture_output=True).stdout
-    subprocess.run(["tar", "-x", "-C", str(folder)], input=archive, check=True)
-    return folder
-
-
 def launch(tree: Path, processes: int, overrides: list[str], work: Path, shard_size: str) -> list[dict]:
     run_dir = Path(tempfile.mkdtemp(dir=work, prefix="run-"))
     report = run_dir / "report"
@@ -190,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
         work = Path(tmp)
         assets = write_assets(work / "assets", args.quick)
         data = common.make_records(work / "data", 8)
-        before = None if args.quick else extract_before(args.before, work / "before")
+        before = None if args.quick else common.extract_package(args.before, work / "before")
         after = HERE.parent
         base = [f"model.llm={assets['llm']}", f"model.tower={assets['tower']}", "model.init_from=null",
                 f"data.train={data}", f"data.image_folder={data.parent}", "optim.max_steps=1",
