@@ -307,15 +307,21 @@ def test_real_stage2_fits_80_gib_with_its_chunked_loss_not_with_full_logits():
     assert "optim.loss_impl=auto" in suggestion and f"total {own['gpu_total'] / GIB:.1f} GiB" in suggestion
 
 
-def test_host_memory_counts_the_model_built_per_rank():
-    plan = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=16, nodes=2)
-    own = next(row for row in plan["scenarios"] if row["recipe"])
-    params = sum(plan["model"]["parameters"].values())
+def test_host_memory_counts_the_model_built_per_rank_as_the_recipe_builds_it():
+    whole = plan_for(config_for("mlcd_bigG448_stage2.yaml", "model.sharded_init=false"), gpus=16, nodes=2)
+    own = next(row for row in whole["scenarios"] if row["recipe"])
+    params = sum(whole["model"]["parameters"].values())
     build = next(t for t in own["host_per_node"]["terms"] if t["name"] == "model build per rank")
     assert build["bytes"] == pytest.approx(8 * memory.HOST_BUILD_BYTES_PER_PARAM_PEAK * params)
-    sharded = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=16, nodes=2, sharded_init=True)
+    assert any("model.sharded_init=true builds it partitioned" in line for line in whole["suggestions"])
+    sharded = plan_for(config_for("mlcd_bigG448_stage2.yaml"), gpus=16, nodes=2)  # the recipe's default
     own_sharded = next(row for row in sharded["scenarios"] if row["recipe"])
+    build = next(t for t in own_sharded["host_per_node"]["terms"] if t["name"] == "model build per rank")
+    embedding = 152064 * 3584  # Qwen2.5-7B's largest tensor, gathered whole while it loads
+    assert build["bytes"] == pytest.approx(8 * 2 * (params / 16 + embedding))  # bf16: 8 partitions + one tensor each
     assert own_sharded["host_per_node"]["startup"] < own["host_per_node"]["startup"] / 10
+    save = next(t for t in own_sharded["host_per_node"]["terms"] if t["name"].startswith("final ZeRO-3 save"))
+    assert save["bytes"] < 4 * 2**30  # one streamed shard, not the consolidated fp32 state
 
 
 def test_cli_prints_tables_and_json(capsys):

@@ -40,8 +40,6 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--samples", type=int, default=None, help="records, without a length table or dataset preset")
     parser.add_argument("--text-tokens", type=int, default=256,
                         help="text tokens of a typical sample, without a length table (default 256)")
-    parser.add_argument("--sharded-init", action="store_true",
-                        help="model ZeRO-3 sharded initialisation instead of today's whole model per rank")
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
 
 
@@ -60,8 +58,7 @@ def run(args: argparse.Namespace) -> int:
                           mfu=args.mfu, lengths=args.lengths,
                           supervised_fraction=args.supervised_fraction,
                           reserve_gib=DEFAULT_RESERVE_GIB if args.reserve is None else args.reserve,
-                          host_memory_gib=args.host_memory, samples=args.samples, text_tokens=args.text_tokens,
-                          sharded_init=args.sharded_init)
+                          host_memory_gib=args.host_memory, samples=args.samples, text_tokens=args.text_tokens)
     try:
         config = load_config(args.recipe, args.overrides)
         plan = make_plan(config, request, recipe=args.recipe, overrides=tuple(args.overrides))

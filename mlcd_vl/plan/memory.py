@@ -62,10 +62,14 @@ CHUNK_BYTES_PER_LOGIT = 8  # a chunk's logits as float32 and their float32 log-s
 NORM_UPCAST_BYTES = 4  # Qwen2RMSNorm computes in fp32 whatever the activation dtype
 ROPE_FP32_SAVED = 4  # MLCD's rotary embedding: q, k, rotate_half(q), rotate_half(k) in fp32
 # The model built whole in fp32 on every rank before DeepSpeed partitions it (issue 14, measured on CPU with a
-# 188M model, 1 and 2 processes). Sharded initialisation (issue 14, item 1) replaces this term.
+# 188M model, 1 and 2 processes): ZeRO-1/2, DDP, and ZeRO-3 with model.sharded_init=false. ZeRO-3's default
+# partitioned build holds the rank's partition (0.50x the model per rank at 2 ranks, measured) plus one tensor.
 HOST_BUILD_BYTES_PER_PARAM_RESIDENT = 4.1
 HOST_BUILD_BYTES_PER_PARAM_PEAK = 6.1
-HOST_FINAL_SAVE_BYTES_PER_PARAM = 5.4  # ZeRO-3 final save: the consolidated fp32 state on the main process
+# ZeRO-3's final save streams shards (train.zero.save_streamed): the main process holds one shard of at most
+# SHARD_SIZE plus the parameter being gathered (bench/results/zero3_memory_*: +113 MiB at 100 MB shards, where
+# consolidating the fp32 state first cost +1,717 MiB, 2.0x the fp32 model).
+HOST_SAVE_SHARD_BYTES = 2e9  # train.zero.SHARD_SIZE
 # Records read through the cached JSON index (data/json_index.py): each rank keeps the offsets and the length
 # table, ~75 MiB per 1M records (bench/results/data_startup_*: USS added per rank, cached index); the data file
 # itself is memory-mapped page cache shared by the node's ranks, not counted per rank.

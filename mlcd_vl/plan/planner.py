@@ -42,7 +42,6 @@ class PlanRequest:
     host_memory_gib: float | None = None  # per node, for the verdict
     samples: int | None = None  # records, when there is no length table and no dataset preset
     text_tokens: int = 256  # text tokens of a typical sample, when there is no length table
-    sharded_init: bool = False  # model the ZeRO-3 sharded initialisation (issue 14 item 1) instead of today's build
 
     def check(self) -> None:
         if self.gpus < 1 or self.nodes < 1 or self.gpus % self.nodes:
@@ -141,9 +140,12 @@ def host_terms(shape, sharding: Sharding, state: memory.StateMemory, ranks: int,
                precision: Precision, world: int, sharded_init: bool) -> dict:
     """Host bytes of one node: terms and the peaks of start-up, steady training and (node 0) the final save."""
     params = shape.params
-    if sharded_init and sharding.stage == 3:
-        build_peak = build_resident = precision.weight_bytes * params / world
-        build_note = "sharded init: each rank's partition only (assumed, issue 14 item 1)"
+    largest_tensor = max(shape.param_numels, default=0)
+    if sharded_init and sharding.stage == 3:  # built partitioned, loaded one gathered tensor at a time
+        build_resident = precision.weight_bytes * params / world
+        build_peak = build_resident + precision.weight_bytes * largest_tensor
+        build_note = ("partitioned build (model.sharded_init): the rank's partition plus one gathered tensor "
+                      "(0.50x the model per rank at 2 ranks, measured)")
     else:
         build_peak = memory.HOST_BUILD_BYTES_PER_PARAM_PEAK * params
         build_resident = memory.HOST_BUILD_BYTES_PER_PARAM_RESIDENT * params
@@ -151,7 +153,7 @@ def host_terms(shape, sharding: Sharding, state: memory.StateMemory, ranks: int,
                       f"B/param resident, {memory.HOST_BUILD_BYTES_PER_PARAM_PEAK} peak, measured)")
     data = memory.HOST_BYTES_PER_RECORD * records if records else 0.0
     offload = state.host_bytes()
-    final_save = memory.HOST_FINAL_SAVE_BYTES_PER_PARAM * params if sharding.stage == 3 else 0.0
+    final_save = memory.HOST_SAVE_SHARD_BYTES + 4 * largest_tensor if sharding.stage == 3 else 0.0
     startup = ranks * (build_peak + data)
     steady = ranks * (build_resident + data + offload)
     terms = [{"name": "model build per rank", "bytes": ranks * build_peak, "note": build_note},
@@ -161,7 +163,8 @@ def host_terms(shape, sharding: Sharding, state: memory.StateMemory, ranks: int,
              {"name": "offloaded states", "bytes": ranks * offload,
               "note": "; ".join(f"{t.name}: {t.note}" for t in state.host) or "none"},
              {"name": "final ZeRO-3 save (node 0)", "bytes": final_save,
-              "note": "consolidated fp32 state on the main process (5.4 B/param, measured)" if final_save else "n/a"}]
+              "note": "streamed: one 2 GB shard and one gathered fp32 tensor on the main process" if final_save
+              else "n/a"}]
     return {"terms": terms, "startup": startup, "steady": steady, "final_save": steady + final_save,
             "peak": max(startup, steady + final_save)}
 
@@ -209,7 +212,7 @@ def make_plan(config, request: PlanRequest, recipe: str = "", overrides: tuple[s
         fits_positions = largest_fitting_positions(
             budget, fixed, recipe_rates, crops_per_position,
             lambda positions, w=head_bytes: loss_model.peak(positions * fraction, w), mask_per_position2)
-        host = host_terms(shape, sharding, state, ranks, records, precision, world, request.sharded_init)
+        host = host_terms(shape, sharding, state, ranks, records, precision, world, config.model.sharded_init)
         rows.append({"scenario": sharding.label, "stage": sharding.stage, "recipe": own,
                      "offload_optimizer": sharding.offload_optimizer, "offload_params": sharding.offload_params,
                      "gpu": gpu, "gpu_terms": [t.__dict__ for t in state.gpu], "gpu_total": total,
@@ -322,8 +325,8 @@ def suggestions(config, plan: dict, micro, rates: dict, mask: float, budget: flo
     build = host["terms"][0]["bytes"]
     verdict = "" if own["host_fits"] is None else (" (fits)" if own["host_fits"] else " (does NOT fit)")
     out.append(f"host: {host['peak'] / gib:.0f} GiB per node at the peak{verdict}, {build / gib:.0f} GiB of it the "
-               "model built per rank" + ("" if "sharded" in host["terms"][0]["note"] else
-                                         " (--sharded-init: what ZeRO-3 sharded initialisation would need)"))
+               "model built per rank" + ("" if own["stage"] != 3 or config.model.sharded_init else
+                                         " (model.sharded_init=true builds it partitioned)"))
     base = own["gpu_total"] - own["gpu"]["activations"]
     if not config.gradient_checkpointing:
         with_gc = base + activation_bytes(rates[True], micro.positions, micro.crops, mask)
