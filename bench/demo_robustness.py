@@ -6,11 +6,12 @@
 Each cell is a whole `mlcd-vl demo` run in a fresh process (data seed `--seed`, torch threads `--threads`), scored
 by lmms-eval on held-out images exactly as a user's run is. `--cpu-capability` sets ATEN_CPU_CAPABILITY (default /
 avx2 / avx512) and MKL_ENABLE_INSTRUCTIONS to match, which makes torch and MKL take the kernels of another CPU
-generation: the floating-point path then differs as it does on another machine. The result file lists every run (held-out accuracy per skill, wall time), then per
-plan the min / median per skill against the bars the demo promises (colour >= chance + 30 points in both plans,
-chart's highest bar >= chance + 30 points in the full plan) and the wall-time limits (quick < 4 min, full < 6 min
-on 2 cores). `--parallel N` runs N demos at once (for 1-thread cells on a 2-core machine): accuracy is unaffected,
-wall times are then not those of a run alone, and the file says so.
+generation: the floating-point path then differs as it does on another machine. The result file lists every run
+(held-out accuracy per skill, wall time), then per plan the min / median per skill against the bars the demo
+promises (colour >= chance + 30 points in both plans, chart's highest bar >= chance + 30 points in the full plan)
+and the wall-time limits (quick < 4 min, full < 6 min on 2 cores), judged on runs that ran alone. `--parallel N`
+runs N demos at once (for 1-thread cells on a 2-core machine): accuracy is unaffected, wall times are then not
+those of a run alone, and the file says so. `--plans '' --include A.json B.json` reports earlier parts together.
 """
 
 from __future__ import annotations
@@ -53,7 +54,8 @@ def run_demo(plan: str, seed: int, threads: int, workdir: Path, capability: str 
     results = json.loads((workdir / "results.json").read_text())
     return {"plan": plan, "seed": seed, "threads": threads, "capability": capability or "native", "wall_s": wall,
             "parallel": parallel,
-            "scores": {s: v["accuracy"] for s, v in results["scores"].items()}, "n": results["plan"]["heldout_per_skill"],
+            "scores": {s: v["accuracy"] for s, v in results["scores"].items()},
+            "n": results["plan"]["heldout_per_skill"],
             "stage_s": results["wall_seconds"]}
 
 
@@ -117,7 +119,9 @@ def summary(runs: list[dict], chance: dict[str, float]) -> tuple[list[str], bool
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--plans", default="quick,full", help="comma-separated demo plans (default quick,full; \"\" runs none and reports the --include runs)")
+    parser.add_argument("--plans", default="quick,full",
+                        help="comma-separated demo plans (default quick,full; \"\" runs none and reports the "
+                             "--include runs)")
     parser.add_argument("--seeds", default="0,1,2,3,4", help="comma-separated data seeds (default 0,1,2,3,4)")
     parser.add_argument("--threads", default="1,2", help="comma-separated torch thread counts (default 1,2)")
     parser.add_argument("--cpu-capability", default=None, choices=("default", "avx2", "avx512"),
@@ -140,6 +144,7 @@ def main(argv: list[str] | None = None) -> int:
     cells = [(plan, seed, t) for plan in plans for t in threads for seed in seeds]
     load_before = load_average()
     runs = [run for path in args.include for run in json.loads(Path(path).read_text())]
+    included = len(runs)
     partial = Path(args.out) / f"{args.what}.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="demo-robustness-") as scratch, \
@@ -159,10 +164,11 @@ def main(argv: list[str] | None = None) -> int:
               f"kernels {args.cpu_capability or 'native (this CPU)'}, {args.parallel} at a time"
               + ("" if args.parallel == 1 else " (wall times are of concurrent runs, not of a run alone)")
               if cells else "no new runs")
-             + (f"; with {sum(len(json.loads(Path(p).read_text())) for p in args.include)} earlier run(s) from "
+             + (f"; with {included} earlier run(s) from "
                 + ", ".join(Path(p).name for p in args.include) if args.include else ""),
              "kernels: native = this CPU's best (torch.backends.cpu.get_cpu_capability(): "
-             f"{cpu_capability()}), default = ATen's unvectorised kernels with MKL held to SSE4.2 (an older CPU's path)",
+             f"{cpu_capability()}), default = ATen's unvectorised kernels with MKL held to SSE4.2 (an older CPU's "
+             "path)",
              "held-out accuracy is lmms-eval's ChartQA relaxed accuracy on images never seen in training; bold "
              f"marks a promised skill below chance + {100 * MARGIN:.0f} points"]
     lines = header("CPU demo robustness", command_line("demo_robustness.py", argv), load_before, extra)

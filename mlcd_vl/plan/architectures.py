@@ -4,7 +4,8 @@
 (its `config.json` fields), keyed by hub id. Values are those of the hub configs (Qwen2.5-7B-Instruct's and MLCD
 bigG-448's `config.json`, as upstream's stage-2 checkpoint composes them; the Qwen2.5 model cards for 0.5B / 1.5B;
 the CLIP and SigLIP hub configs; OpenCLIP's ViT-H-14-378 config for DFN5B). `tests/test_plan.py` checks every
-preset is covered and fits its preset. Anything else (a local folder, a hub id in the local HF cache) is read with `AutoConfig.from_pretrained`.
+preset is covered and fits its preset. Anything else (a local folder, a hub id in the local HF cache) is read with
+`AutoConfig.from_pretrained`.
 """
 
 from __future__ import annotations

@@ -158,8 +158,8 @@ def host_terms(shape, sharding: Sharding, state: memory.StateMemory, ranks: int,
     steady = ranks * (build_resident + data + offload)
     terms = [{"name": "model build per rank", "bytes": ranks * build_peak, "note": build_note},
              {"name": "records per rank", "bytes": ranks * data,
-              "note": f"{records:,} records through the shared mapped index (75 MiB per 1M per rank, measured)" if records
-              else "unknown number of records"},
+              "note": (f"{records:,} records through the shared mapped index (75 MiB per 1M per rank, measured)"
+                       if records else "unknown number of records")},
              {"name": "offloaded states", "bytes": ranks * offload,
               "note": "; ".join(f"{t.name}: {t.note}" for t in state.host) or "none"},
              {"name": "final ZeRO-3 save (node 0)", "bytes": final_save,
