@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import argparse
 import logging
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 
 DEEPSPEED_LOGGER = "DeepSpeed"  # deepspeed.utils.logging's logger; a filter set before its import survives it
 DEEPSPEED_CPU_NOTICE = "Setting accelerator to CPU"
@@ -38,12 +38,17 @@ def _is_number(text: str) -> bool:
     return True
 
 
-def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "") -> str:
-    """Rows under headers in aligned columns (numeric columns right-aligned), one line per row."""
+def text_table(headers: Sequence[str], rows: Sequence[Sequence[object]], indent: str = "",
+               left: Collection[int] | None = None) -> str:
+    """Rows under headers in aligned columns, one line per row: numeric columns right-aligned, or, given `left`,
+    those columns left-aligned and the others right (for numbers mixed with words such as "yes" / "NO")."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
-    numeric = [all(_is_number(row[i]) or not row[i] for row in cells[1:]) and len(cells) > 1
-               for i in range(len(headers))]
+    if left is not None:
+        numeric = [i not in left for i in range(len(headers))]
+    else:
+        numeric = [all(_is_number(row[i]) or not row[i] for row in cells[1:]) and len(cells) > 1
+                   for i in range(len(headers))]
 
     def line(row: list[str]) -> str:
         parts = [c.rjust(w) if right else c.ljust(w) for c, w, right in zip(row, widths, numeric)]

@@ -74,3 +74,12 @@ def test_demo_help_speaks_to_users(words):
     text = " ".join(parsers()["demo"].format_help().split())
     assert re.search(rf"\b{words}\b", text) is None
     assert "runs/demo/" in text and "ask" in text
+
+
+def test_console_tables_align_numbers_right_and_named_columns_left():
+    from mlcd_vl.console import text_table
+
+    found = text_table(["what", "GiB"], [["loss", "3.6"], ["total", "101,152"]]).splitlines()
+    assert found == ["what       GiB", "-----  -------", "loss       3.6", "total  101,152"]
+    mixed = text_table(["row", "ZeRO-3"], [["total", "60.1"], ["fits", "yes"]], left=(0,)).splitlines()
+    assert mixed == ["row    ZeRO-3", "-----  ------", "total    60.1", "fits      yes"]  # yes / NO aligned as numbers

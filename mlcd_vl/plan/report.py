@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from mlcd_vl.console import text_table
 from mlcd_vl.plan.memory import GIB
 
 GPU_ROWS = ("parameters", "gradients", "optimizer states", "buffers", "activations", "loss", "reserve")
@@ -12,14 +13,8 @@ def gib(value: float) -> str:
 
 
 def table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> list[str]:
-    """Columns padded to their widest cell; the `left` ones left-aligned (text), the others right (numbers)."""
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-
-    def line(cells):
-        return "  ".join((str(c).ljust(w) if i in left else str(c).rjust(w))
-                         for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
-
-    return [line(header), "  ".join("-" * w for w in widths)] + [line(r) for r in rows]
+    """The console's table as lines: the `left` columns left-aligned (text), the others right (numbers, yes / NO)."""
+    return text_table(header, rows, left=left).splitlines()
 
 
 def _duration(seconds: float) -> str:
