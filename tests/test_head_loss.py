@@ -215,7 +215,10 @@ def test_forward_loss_chunked_equals_full_with_varlen_packing_and_tied_embedding
 
 
 def test_auto_chunks_above_the_threshold_only(tiny_paths, monkeypatch):
+    """Through `forward_loss`, with the head frozen: no weight-gradient accumulator, so chunking saves memory from
+    the threshold on (a trained head: test_auto_chunks_only_where_that_saves_memory)."""
     model, _, settings = build(tiny_paths, stage=1)
+    model.lm_head.requires_grad_(False)
     calls = []
     real = H.chunked_linear_cross_entropy
     monkeypatch.setattr(H, "chunked_linear_cross_entropy", lambda *a: calls.append(a[0].shape[0]) or real(*a))
@@ -314,3 +317,33 @@ def test_recipe_settings():
         load_config(None, ["optim.loss_impl=fused"])
     with pytest.raises(ConfigError, match="optim.loss_chunk_tokens"):
         load_config(None, ["optim.loss_chunk_tokens=0"])
+
+
+def test_auto_chunks_only_where_that_saves_memory():
+    """A trained head's float32 weight-gradient accumulator is a fixed cost of the chunked loss: with Qwen2.5-7B's
+    head trained in bf16, "auto" keeps the (faster) full logits up to ~1.9k supervised tokens, where the two
+    peaks cross (train/loss_memory.py); a frozen head has no accumulator and chunks from the threshold on."""
+    from mlcd_vl.train.loss_memory import chunked_loss_bytes, loss_bytes
+
+    head = nn.Linear(3584, 151936, bias=False, device="meta", dtype=torch.bfloat16)
+    auto = HeadLossSettings("auto")
+    trained = H.HeadInputs(weight_bytes=2, hidden_bytes=2, head_trains=True, hidden_needs_grad=True)
+    frozen = H.HeadInputs(weight_bytes=2, hidden_bytes=2, head_trains=False, hidden_needs_grad=True)
+
+    def peaks(tokens, inputs):
+        chunked = chunked_loss_bytes(tokens, 151936, 3584, 1024, weight_bytes=2, activation_bytes=2,
+                                     head_trains=inputs.head_trains, hidden_needs_grad=True)
+        return chunked, loss_bytes(tokens, 151936)
+
+    crossing = next(n for n in range(1025, 4096) if peaks(n, trained)[0] < peaks(n, trained)[1])
+    assert 1800 < crossing < 2000
+    choose = H.choose_implementation
+    assert choose(auto, crossing - 1, head, "cuda", trained) == "full"
+    assert choose(auto, crossing, head, "cuda", trained) == "chunked"
+    assert choose(auto, 1025, head, "cuda", frozen) == "chunked" and choose(auto, 1024, head, "cuda", frozen) == "full"
+    # the forced paths ignore memory
+    assert choose(HeadLossSettings("chunked"), 1025, head, "cuda", trained) == "chunked"
+    # the inputs are read from the tensors training hands over
+    real = nn.Linear(8, 16).to(torch.bfloat16).requires_grad_(False)
+    hidden = torch.zeros(3, 8, requires_grad=True)
+    assert H.HeadInputs.of(real, hidden) == H.HeadInputs(2, 4, False, True)

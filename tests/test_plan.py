@@ -284,7 +284,11 @@ def test_the_loss_is_the_one_the_recipe_runs_chunked_above_its_threshold():
     from mlcd_vl.plan.loss import LossModel
 
     model = LossModel.of(config_for("tiny_stage2.yaml"), shape, 4)
-    assert [model.implementation(n) for n in (1024, 1025)] == ["full", "chunked"]  # training's rule, its threshold
+    assert [model.implementation(n, 4) for n in (1024, 1025)] == ["full", "chunked"]  # training's rule, threshold
+    # Qwen2.5-7B's head trained in bf16: its float32 weight-gradient accumulator makes chunking pay only from ~1.9k
+    real = config_for("mlcd_bigG448_stage2.yaml")
+    real_model = LossModel.of(real, model_shape(real)[0], 2)
+    assert [real_model.implementation(n, 2) for n in (1025, 1800, 2000)] == ["full", "full", "chunked"]
 
 
 def test_auto_counts_the_full_logits_just_below_a_large_threshold():

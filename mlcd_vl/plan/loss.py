@@ -41,16 +41,18 @@ class LossModel:
 
         return replace(self, settings=HeadLossSettings(impl, chunk_tokens or DEFAULT_CHUNK_TOKENS))
 
-    def implementation(self, supervised: float) -> str:
-        """"full", "chunked" or "liger" for a micro-batch of `supervised` targets: training's own decision."""
-        from mlcd_vl.train.head_loss import choose_implementation
+    def implementation(self, supervised: float, weight_bytes: int) -> str:
+        """"full", "chunked" or "liger" for a micro-batch of `supervised` targets with a head of `weight_bytes` per
+        weight: training's own decision."""
+        from mlcd_vl.train.head_loss import HeadInputs, choose_implementation
 
-        return choose_implementation(self.settings, int(supervised), self.head, DEVICE_TYPE)
+        inputs = HeadInputs(weight_bytes, self.activation_bytes, self.head_trains, self.hidden_needs_grad)
+        return choose_implementation(self.settings, int(supervised), self.head, DEVICE_TYPE, inputs)
 
     def bytes_at(self, supervised: float, weight_bytes: int, implementation: str | None = None) -> float:
         """Peak bytes for a micro-batch of `supervised` targets with a head of `weight_bytes` per weight (4 under
         DDP's autocast, the training dtype's under DeepSpeed), by training's choice or the one given."""
-        if (implementation or self.implementation(supervised)) == "full":
+        if (implementation or self.implementation(supervised, weight_bytes)) == "full":
             return memory.loss_bytes(supervised, self.vocab)
         return memory.chunked_loss_bytes(supervised, self.vocab, self.hidden, self.settings.chunk_tokens,
                                          weight_bytes=weight_bytes, activation_bytes=self.activation_bytes,
@@ -58,15 +60,15 @@ class LossModel:
 
     def peak(self, supervised: float, weight_bytes: int) -> float:
         """The most any micro-batch of up to `supervised` targets needs. Each path grows with the targets, but "auto"
-        switches paths at `chunk_tokens`, so the full logits just below the threshold can cost more than the chunked
-        loss above it (a large `loss_chunk_tokens`): both ends count."""
+        switches paths at `chunk_tokens` (where chunking saves memory), so the full logits just below the threshold
+        can cost more than the chunked loss above it (a large `loss_chunk_tokens`): both ends count."""
         candidates = [supervised]
         if self.settings.impl == "auto" and supervised > self.settings.chunk_tokens:
             candidates.append(self.settings.chunk_tokens)
         return max(self.bytes_at(n, weight_bytes) for n in candidates)
 
-    def describe(self, supervised: float) -> str:
-        implementation = self.implementation(supervised)
+    def describe(self, supervised: float, weight_bytes: int) -> str:
+        implementation = self.implementation(supervised, weight_bytes)
         setting = f"optim.loss_impl={self.settings.impl}, loss_chunk_tokens={self.settings.chunk_tokens}"
         if implementation == "full":
             return f"full logits ({setting})"

@@ -35,18 +35,14 @@ With gradient checkpointing (every layer, non-reentrant) a layer keeps only its 
 recomputed at a time during backward. A frozen tower with nothing trainable before it saves nothing.
 
 The loss (`optim.loss_impl`, decided per micro-batch by training's own `head_loss.choose_implementation`):
-full logits of the supervised tokens, `LOSS_BYTES_PER_LOGIT` (measured: the logits, their fp32 copy, the
-log-softmax and its gradient) per supervised token x vocabulary entry; or the chunked linear + cross-entropy
-(`chunked_loss_bytes`), counted from `train/head_loss.py`'s arithmetic: the float32 weight-gradient accumulator
-[vocab, hidden] (when the head trains), one chunk's float32 logits and log-softmax (`CHUNK_BYTES_PER_LOGIT`) or, at
-the end, the accumulator's cast to a low-precision head's dtype, and the hidden states' gradient. Against
-bench/results/loss_memory_*_2026-12-02.md (Qwen2.5-7B's head, 1024-token chunks): 0.96-0.97x the measured step
-peak in bf16 (3.32-3.52 GiB at 2k-32k tokens), 1.00x in fp32. Liger's fused kernel is counted as the chunked loss
-(it also accumulates the weight gradient in float32 and holds a chunk of logits at a time).
+full logits or the chunked linear + cross-entropy, counted by `train/loss_memory.py` (the same arithmetic "auto"
+uses to choose). Liger's fused kernel is counted as the chunked loss (it also accumulates the weight gradient in
+float32 and holds a chunk of logits at a time).
 
-Host, per node: today every rank builds the whole fp32 model before ZeRO exists (`HOST_BUILD_BYTES_PER_PARAM_*`,
-measured), parses every record into Python objects (`HOST_BYTES_PER_RECORD`, measured), holds what offload puts
-there, and the ZeRO-3 final save rebuilds the fp32 state on the main process (`HOST_FINAL_SAVE_BYTES_PER_PARAM`).
+Host, per node: every rank builds the model (whole in fp32 except under ZeRO-3's partitioned build,
+`HOST_BUILD_BYTES_PER_PARAM_*`, measured), keeps the record index and length table (`HOST_BYTES_PER_RECORD`,
+measured), holds what offload puts there, and ZeRO-3's final save streams one shard at a time on the main process
+(`HOST_SAVE_SHARD_BYTES`).
 """
 
 from __future__ import annotations
@@ -54,11 +50,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from mlcd_vl.train.loss_memory import (  # noqa: F401  (the plan's loss terms, shared with training)
+    CHUNK_BYTES_PER_LOGIT, LOSS_BYTES_PER_LOGIT, chunked_loss_bytes, loss_bytes)
+
 GIB = 1024**3
-# Full logits, step peak per supervised token x vocabulary entry: 12.03-12.07 measured at 2k / 4k tokens, bf16 and
-# fp32 (bench/results/loss_memory_*_2026-12-02.md; the issue's first probe: 11.8)
-LOSS_BYTES_PER_LOGIT = 12.05
-CHUNK_BYTES_PER_LOGIT = 8  # a chunk's logits as float32 and their float32 log-softmax (reused for the gradient)
 NORM_UPCAST_BYTES = 4  # Qwen2RMSNorm computes in fp32 whatever the activation dtype
 ROPE_FP32_SAVED = 4  # MLCD's rotary embedding: q, k, rotate_half(q), rotate_half(k) in fp32
 # The model built whole in fp32 on every rank before DeepSpeed partitions it (issue 14, measured on CPU with a
@@ -74,23 +69,6 @@ HOST_SAVE_SHARD_BYTES = 2e9  # train.zero.SHARD_SIZE
 # table, ~75 MiB per 1M records (bench/results/data_startup_*: USS added per rank, cached index); the data file
 # itself is memory-mapped page cache shared by the node's ranks, not counted per rank.
 HOST_BYTES_PER_RECORD = 75 * 2**20 / 1e6
-
-
-def loss_bytes(supervised_tokens: float, vocab: int) -> float:
-    """Peak bytes of the full-logits loss on `supervised_tokens` positions."""
-    return LOSS_BYTES_PER_LOGIT * supervised_tokens * vocab
-
-
-def chunked_loss_bytes(supervised_tokens: float, vocab: int, hidden: int, chunk_tokens: int, *, weight_bytes: int,
-                       activation_bytes: int, head_trains: bool, hidden_needs_grad: bool) -> float:
-    """Peak bytes of the chunked linear + cross-entropy (`head_loss._loss_and_gradients`): the float32 weight-gradient
-    accumulator, then the larger of one chunk's float32 logits + log-softmax and the accumulator's final cast to a
-    low-precision head, plus the gradient of the hidden states (all supervised positions)."""
-    accumulator = 4.0 * vocab * hidden if head_trains else 0.0
-    chunk = CHUNK_BYTES_PER_LOGIT * min(supervised_tokens, chunk_tokens) * vocab
-    cast = weight_bytes * vocab * hidden if head_trains and weight_bytes != 4 else 0.0
-    hidden_grad = activation_bytes * supervised_tokens * hidden if hidden_needs_grad else 0.0
-    return accumulator + max(chunk, cast) + hidden_grad
 
 
 @dataclass(frozen=True)

@@ -269,7 +269,7 @@ def loss_summary(loss_model, supervised: float, fraction: float, own: dict) -> d
     w = own["head_weight_bytes"]
     return {"supervised_tokens": supervised, "supervised_fraction": fraction,
             "impl": loss_model.settings.impl, "chunk_tokens": loss_model.settings.chunk_tokens,
-            "runs": loss_model.implementation(supervised), "how": loss_model.describe(supervised),
+            "runs": loss_model.implementation(supervised, w), "how": loss_model.describe(supervised, w),
             "bytes": own["gpu"]["loss"],
             "full_bytes": loss_model.bytes_at(supervised, w, "full"),
             "chunked_bytes": loss_model.bytes_at(supervised, w, "chunked"),
@@ -294,8 +294,8 @@ def assumptions(request: PlanRequest, no_table: bool, fraction: float, fraction_
              f"{memory.LOSS_BYTES_PER_LOGIT} bytes per supervised token x vocabulary entry (measured); chunked: "
              f"the float32 [vocab, hidden] weight-gradient accumulator + {chunk} positions of float32 logits "
              f"({memory.CHUNK_BYTES_PER_LOGIT} B per entry) + the hidden states' gradient"
-             + ("; auto: the worst micro-batch on either side of its threshold" if loss_model.settings.impl == "auto"
-                else ""),
+             + ("; auto: chunked only where that needs less memory, the worst micro-batch on either side of its "
+                "threshold counted" if loss_model.settings.impl == "auto" else ""),
              f"supervised tokens = {fraction:.3g} x positions of the largest micro-batch ({fraction_source})",
              "one image per padded row; packed rows filled with the image size of the most crops per visual token",
              f"wall time at {100 * request.mfu:g}% MFU of {request.gpu} dense bf16 peak, training's FLOPs "
@@ -333,8 +333,8 @@ def suggestions(config, plan: dict, micro, rates: dict, mask: float, budget: flo
         out.append(f"gradient_checkpointing=true: {with_gc / gib:.1f} GiB per GPU")
     loss = plan["loss"]
     if loss["runs"] == "full" and loss["bytes"] > 0.05 * budget:
-        default = loss_model.with_settings("auto")  # training's default: chunked above the default threshold
-        if default.implementation(loss["supervised_tokens"]) != "full":
+        default = loss_model.with_settings("auto")  # training's default: chunked above the threshold, where it pays
+        if default.implementation(loss["supervised_tokens"], own["head_weight_bytes"]) != "full":
             chunked = default.peak(loss["supervised_tokens"], own["head_weight_bytes"])
             out.append(f"chunked loss (optim.loss_impl=auto optim.loss_chunk_tokens={default.settings.chunk_tokens}):"
                        f" loss {loss['bytes'] / gib:.1f} -> {chunked / gib:.1f} GiB, "

@@ -81,7 +81,7 @@ class OptimConfig:
     warmup_steps: int | None = None  # when > 0, overrides warmup_ratio (as transformers' TrainingArguments)
     max_grad_norm: float | None = 1.0  # 0 or None: no clipping (upstream's MLCD runs)
     loss_normalisation: str = "global"  # global (tokens of the whole step) | upstream (per micro-batch mean)
-    loss_impl: str = "auto"  # auto (chunked above loss_chunk_tokens supervised tokens) | full | chunked | liger
+    loss_impl: str = "auto"  # full | chunked | liger | auto (chunked above loss_chunk_tokens where that saves memory)
     loss_chunk_tokens: int = 1024  # LM-head positions per loss chunk (bounds the logits' memory), auto's threshold
     num_epochs: float = 1.0
     max_steps: int | None = None  # overrides num_epochs when set
