@@ -147,3 +147,18 @@ def test_merged_layout_puts_each_adapter_with_its_base_weight():
         lora.merged_layout(names + ["k.lora_A.default.weight"], {"q": 2.0})
     with pytest.raises(ValueError, match="no adapter scaling"):
         lora.merged_layout(names, {})
+
+
+def test_a_missing_source_is_one_line_not_a_hub_lookup(tmp_path, monkeypatch):
+    """weight_files follows the one path rule (model/sources.py): a path that does not exist is named at once, and a
+    hub id that cannot be had is a one-line UserError instead of huggingface_hub's traceback."""
+    from mlcd_vl.errors import UsageError, UserError
+    from mlcd_vl.model import sources
+
+    with pytest.raises(UsageError, match="no such folder: .*nowhere"):
+        sharded.weight_files(tmp_path / "nowhere")
+    monkeypatch.setattr(sources, "hub_offline", lambda: True)
+    with pytest.raises(UserError, match="not in the local Hugging Face cache"):
+        sharded.weight_files("someone/not-a-cached-model")
+    (tmp_path / "model.safetensors").write_bytes(b"")
+    assert sharded.weight_files(tmp_path) == [tmp_path / "model.safetensors"]

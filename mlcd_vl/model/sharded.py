@@ -44,12 +44,11 @@ INDEX_FILE, SINGLE_FILE = "model.safetensors.index.json", "model.safetensors"
 
 
 def weight_files(source: str | Path) -> list[Path]:
-    """The safetensors files of a model folder or hub id (its index's shards, or `model.safetensors`)."""
-    folder = Path(source)
-    if not folder.is_dir():
-        from huggingface_hub import snapshot_download
+    """The safetensors files of a model folder or hub id (its index's shards, or `model.safetensors`); a hub id is
+    downloaded (weights and configs only), a bad path or a failed download is one line (`sources.local_folder`)."""
+    from mlcd_vl.model.sources import local_folder
 
-        folder = Path(snapshot_download(str(source), allow_patterns=["*.safetensors", INDEX_FILE, "*.json"]))
+    folder = local_folder(source, allow_patterns=["*.safetensors", INDEX_FILE, "*.json"])
     if (folder / INDEX_FILE).is_file():
         names = json.loads((folder / INDEX_FILE).read_text())["weight_map"].values()
         return [folder / name for name in sorted(set(names))]

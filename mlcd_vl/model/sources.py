@@ -7,7 +7,7 @@ left to the loaders, except with HF_HUB_OFFLINE=1: then one that is not in the l
 
 `model_source` applies the rule (ask, chat, web, serve, eval and `data check` through `checkpoint.load_vlm` /
 `read_settings`; the recipe's `model.*` keys through `train.inputs`); `local_folder` also downloads a hub id
-(`convert`, the lmms-eval adapter). `python -m mlcd_vl.model.sources VALUE` prints the source or the one-line error
+(`convert`, the lmms-eval adapter, ZeRO-3's partitioned build). `python -m mlcd_vl.model.sources VALUE` prints the source or the one-line error
 (for shell scripts such as scripts/eval.sh).
 """
 
@@ -71,8 +71,9 @@ def model_source(value: str | Path, what: str = "", *, files: bool = False) -> s
     return text
 
 
-def local_folder(value: str | Path, what: str = "") -> Path:
-    """A local folder for `value`: the folder itself, or the hub id's snapshot (downloaded, or from the cache)."""
+def local_folder(value: str | Path, what: str = "", allow_patterns: list[str] | None = None) -> Path:
+    """A local folder for `value`: the folder itself, or the hub id's snapshot (downloaded, or from the cache);
+    `allow_patterns` limits a download to the files it names (huggingface_hub's glob patterns)."""
     source = model_source(value, what)
     if Path(source).exists():
         if not Path(source).is_dir():
@@ -81,7 +82,7 @@ def local_folder(value: str | Path, what: str = "") -> Path:
     from huggingface_hub import snapshot_download
 
     try:
-        return Path(snapshot_download(source))
+        return Path(snapshot_download(source, allow_patterns=allow_patterns))
     except OSError as error:  # huggingface_hub's errors (not found, gated, connection) are OSErrors
         raise UserError(f"{_named(what)}cannot download {source} from the Hugging Face hub ({first_line(error)})") \
             from error
