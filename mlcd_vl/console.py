@@ -1,7 +1,7 @@
 """What the terminal shows: `--help` with defaults, plain-text tables, and one third-party notice kept out of the way.
 
 `use_help_formatter(parser)` makes every `mlcd-vl --help` keep descriptions as written and say each option's
-default. `text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
+default. `duration(seconds)` writes a wall time in one style everywhere (the plan's estimate, the study's ledger). `text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
 raw Python dicts. `quiet_deepspeed_cpu_notice()` drops DeepSpeed's "Setting accelerator to CPU" warning: DeepSpeed
 prints it whenever it is imported on a machine without a GPU, and transformers / accelerate import it on every
 `save_pretrained` when it is installed, so a CPU command that never uses DeepSpeed would print it several times.
@@ -28,6 +28,17 @@ def quiet_deepspeed_cpu_notice() -> None:
     logger = logging.getLogger(DEEPSPEED_LOGGER)
     if not any(isinstance(f, _DropDeepSpeedCpuNotice) for f in logger.filters):
         logger.addFilter(_DropDeepSpeedCpuNotice())
+
+
+def duration(seconds: float) -> str:
+    """A wall time for people: seconds under 2 minutes, minutes under 2 hours, hours, and days beside the hours
+    from 48 hours on."""
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.1f} min"
+    hours = seconds / 3600
+    return f"{hours:,.1f} h ({hours / 24:,.1f} days)" if hours >= 48 else f"{hours:,.1f} h"
 
 
 def _is_number(text: str) -> bool:

@@ -83,3 +83,10 @@ def test_console_tables_align_numbers_right_and_named_columns_left():
     assert found == ["what       GiB", "-----  -------", "loss       3.6", "total  101,152"]
     mixed = text_table(["row", "ZeRO-3"], [["total", "60.1"], ["fits", "yes"]], left=(0,)).splitlines()
     assert mixed == ["row    ZeRO-3", "-----  ------", "total    60.1", "fits      yes"]  # yes / NO aligned as numbers
+
+
+def test_console_durations_share_one_style():
+    from mlcd_vl.console import duration
+
+    assert [duration(s) for s in (42, 119.4, 120, 5400, 7200, 47 * 3600, 100 * 3600)] == [
+        "42 s", "119 s", "2.0 min", "90.0 min", "2.0 h", "47.0 h", "100.0 h (4.2 days)"]

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from mlcd_vl.console import text_table
+from mlcd_vl.console import duration, text_table
 from mlcd_vl.plan.memory import GIB
 
 GPU_ROWS = ("parameters", "gradients", "optimizer states", "buffers", "activations", "loss", "reserve")
@@ -15,11 +15,6 @@ def gib(value: float) -> str:
 def table(header: list[str], rows: list[list[str]], left: tuple[int, ...] = (0,)) -> list[str]:
     """The console's table as lines: the `left` columns left-aligned (text), the others right (numbers, yes / NO)."""
     return text_table(header, rows, left=left).splitlines()
-
-
-def _duration(seconds: float) -> str:
-    hours = seconds / 3600
-    return f"{hours:,.1f} h ({hours / 24:,.1f} days)" if hours >= 48 else f"{hours:,.1f} h"
 
 
 def render(plan: dict) -> str:
@@ -78,7 +73,7 @@ def render(plan: dict) -> str:
         out += [f"steps: {run['steps']:,} optimizer steps ({run['samples']:,} samples, "
                 f"{run['micro_batches_per_rank']:,} micro-batches per GPU per epoch)",
                 f"compute: {run['tokens']:,.0f} LLM tokens, {run['tower_tokens']:,.0f} tower tokens, "
-                f"{run['flops']:.3g} FLOPs -> {_duration(run['seconds'])} at {100 * cluster['mfu']:g}% MFU "
+                f"{run['flops']:.3g} FLOPs -> {duration(run['seconds'])} at {100 * cluster['mfu']:g}% MFU "
                 f"({cluster['peak_flops'] / 1e12:g} TFLOP/s per GPU)",
                 f"  ({run['how']})"]
     out += ["", "what to change:"] + [f"  - {line}" for line in plan["suggestions"]]

@@ -12,20 +12,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from mlcd_vl.console import duration
 from mlcd_vl.eval.summarize import COLUMNS, format_score, published_row
 from mlcd_vl.study.facts import TowerFacts
 from mlcd_vl.study.towers import StudyTower
 
 UNITS = {"ChartQA": "relaxed accuracy x100", "DocVQA": "ANLS x100", "InfoVQA": "ANLS x100",
          "OCRBench": "points of 1000", "MMMU": "accuracy x100"}
-
-
-def duration(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.1f} min"
-    return f"{seconds / 3600:.1f} h"
 
 
 def _score(value: float | None, column: str) -> str:
