@@ -111,6 +111,16 @@ def test_a_cuda_device_without_a_gpu_is_one_line(tiny_vlm_dir, capsys):
     assert "--device gpu0: not a device" in capsys.readouterr().err
 
 
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has an MPS device")
+def test_a_device_this_torch_cannot_use_is_one_line():
+    from mlcd_vl.errors import UsageError
+    from mlcd_vl.serve.engine import resolve_device
+
+    with pytest.raises(UsageError, match=r"^--device mps: this torch build or this machine has no mps device"):
+        resolve_device("mps")
+    assert resolve_device("cpu") == torch.device("cpu")
+
+
 # ------------------------------------------------------------------------------------------------------ fast CLI
 
 

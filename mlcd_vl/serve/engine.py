@@ -55,6 +55,12 @@ def resolve_device(device: str | torch.device | None) -> torch.device:
                              "leave --device out)")
         if chosen.index is not None and chosen.index >= torch.cuda.device_count():
             raise UsageError(f"--device {device}: torch sees {torch.cuda.device_count()} CUDA GPU(s)")
+    elif chosen.type != "cpu":  # mps, xpu, ...: this torch build may lack the backend, or the machine the device
+        try:
+            torch.empty(0, device=chosen)
+        except (RuntimeError, AssertionError):  # torch's message lists every dispatch key: not for the user
+            raise UsageError(f"--device {device}: this torch build or this machine has no {chosen.type} device "
+                             "(use --device cpu, or leave --device out)") from None
     return chosen
 
 
