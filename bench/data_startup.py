@@ -5,6 +5,7 @@ time to the first batch on a first launch and on a restart, through the real `bu
     python bench/data_startup.py                       # 100k launches, 1M opens (~20 min on 2 busy cores)
     python bench/data_startup.py --records 100000      # one size
     python bench/data_startup.py --quick               # 300 records: code-path check
+    python bench/data_startup.py --records 1000000 --open-records "" --tag 1m   # 1M launches (~50 min quiet)
 
 "Before" is the package as of `--before` (default f6469f2, the commit before this work), extracted with `git
 archive` into a temporary folder; "after" is this checkout. Each launch is fresh processes (1, or 2 ranks with a
@@ -16,8 +17,9 @@ is measured once.
 Data: a synthetic LLaVA `.json` list (one big JSON array, upstream's format) of short conversations, 70% of them
 referencing one of 8 small PNGs, the tiny preset tokenizer and anyres settings at the tiny crop size.
 `--open-records` (1M by default) only opens the records, what every rank does, and reads 1000 of them: before in
-one process (the eager parse), after with the index built, then cached, in 1 and 2 processes. A full 1M launch
-would scan for ~25 min per run at this machine's scan rate; launches are measured at `--records` (100k).
+one process (the eager parse), after with the index built, then cached, in 1 and 2 processes. Full 1M launches
+scan for 6-13 min per first launch on 2 quiet cores (bench/results/data_startup-1m_*); above 200k records the
+"before" path runs in one process only (two eager copies of the parsed records per node would crowd 24 GiB).
 """
 
 from __future__ import annotations
@@ -206,12 +208,14 @@ def row(label: str, count: int, processes: int, reports: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.strip().splitlines()[0])
+    parser = argparse.ArgumentParser(description=__doc__.strip().split("\n\n")[0].replace("\n", " "))
     parser.add_argument("--records", default="100000", help="comma-separated record counts (full launches)")
     parser.add_argument("--quick", action="store_true", help="300 records, one process: checks the code path")
     parser.add_argument("--before", default=BEFORE, help="git revision of the 'before' package")
     parser.add_argument("--workers", type=int, default=1, help="data.num_workers per process (scan and loader)")
     parser.add_argument("--out", default=str(HERE / "results"))
+    parser.add_argument("--tag", default="", help="result file data_startup-TAG_<machine>_<date>.md (keeps another "
+                        "run of the same day)")
     parser.add_argument("--open-records", default="1000000",
                         help="comma-separated record counts for the open-only comparison (memory per rank)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
@@ -289,11 +293,17 @@ def main(argv: list[str] | None = None) -> int:
              "after `build_data` minus before it (USS: the part no other process shares; the memory-mapped file "
              "and index count in RSS but are shared page cache). Peak RSS includes torch and the tokenizer (~0.4 "
              "GiB). Before, a restart repeats the first launch."]
-    open_table = ["", "Opening the records only (`open_source`, what every rank does), then reading 1000 random "
-                  "records; memory added per process (concurrent processes share the mapped file):", "",
-                  "| records | path | processes | open, s | read 1000, ms | RSS added, MiB | USS added, MiB | "
-                  "peak RSS, MiB |", "|---:|---|---:|---:|---:|---:|---:|---:|"] + opened
-    common.write_result(common.result_path(args.out, "data_startup"), head + table + notes + open_table)
+    open_table = [] if not opened else [
+        "", "Opening the records only (`open_source`, what every rank does), then reading 1000 random records; "
+        "memory added per process (concurrent processes share the mapped file):", "",
+        "| records | path | processes | open, s | read 1000, ms | RSS added, MiB | USS added, MiB | peak RSS, MiB |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|"] + opened
+    if any(count > 200_000 for count in counts) and not args.quick:
+        notes.append("")
+        notes.append("Before with 2 processes is not run above 200k records (two eager copies of the parsed records "
+                     "per node); the 1-process row gives its per-rank cost.")
+    name = "data_startup" + (f"-{args.tag}" if args.tag else "")
+    common.write_result(common.result_path(args.out, name), head + table + notes + open_table)
     return 0
 
 

@@ -109,8 +109,8 @@ def test_serve_benches_quick(bench, tmp_path):
 
 
 def test_data_startup_quick(bench, tmp_path):
-    assert bench("data_startup").main(["--quick", "--out", str(tmp_path)]) == 0
-    text = only_result(tmp_path, "data_startup", bench("common").machine_name())
+    assert bench("data_startup").main(["--quick", "--tag", "quick", "--out", str(tmp_path)]) == 0
+    text = only_result(tmp_path, "data_startup-quick", bench("common").machine_name())
     for row in ("| before (", "| after, first launch | 1 | yes |", "| after, restart | 1 | no |",
                 "| after, cached index | 2 |"):
         assert row in text
