@@ -1,7 +1,8 @@
 """What the terminal shows: `--help` with defaults, plain-text tables, and one third-party notice kept out of the way.
 
 `use_help_formatter(parser)` makes every `mlcd-vl --help` keep descriptions as written and say each option's
-default. `duration(seconds)` writes a wall time in one style everywhere (the plan's estimate, the study's ledger). `text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
+default. `duration(seconds)` writes a wall time in one style everywhere (the plan's estimate, the study's ledger).
+`text_table(headers, rows)` aligns columns for the console (numbers right, text left), so statistics never appear as
 raw Python dicts. `quiet_deepspeed_cpu_notice()` drops DeepSpeed's "Setting accelerator to CPU" warning: DeepSpeed
 prints it whenever it is imported on a machine without a GPU, and transformers / accelerate import it on every
 `save_pretrained` when it is installed, so a CPU command that never uses DeepSpeed would print it several times.

@@ -7,8 +7,8 @@ left to the loaders, except with HF_HUB_OFFLINE=1: then one that is not in the l
 
 `model_source` applies the rule (ask, chat, web, serve, eval and `data check` through `checkpoint.load_vlm` /
 `read_settings`; the recipe's `model.*` keys through `train.inputs`); `local_folder` also downloads a hub id
-(`convert`, the lmms-eval adapter, ZeRO-3's partitioned build). `python -m mlcd_vl.model.sources VALUE` prints the source or the one-line error
-(for shell scripts such as scripts/eval.sh).
+(`convert`, the lmms-eval adapter, ZeRO-3's partitioned build). `python -m mlcd_vl.model.sources VALUE` prints the
+source or the one-line error (for shell scripts such as scripts/eval.sh).
 """
 
 from __future__ import annotations

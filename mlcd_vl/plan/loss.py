@@ -3,14 +3,12 @@
 Training runs the LM head + cross-entropy through `train.head_loss`: the recipe's `optim.loss_impl` (auto | full |
 chunked | liger) and `optim.loss_chunk_tokens` pick, per micro-batch, full logits or the chunked loss
 (`head_loss.choose_implementation`, called here on the recipe's own meta-device head, so a LoRA-wrapped head and a
-bad setting behave as in training). The bytes of each path are `memory.loss_bytes` / `memory.chunked_loss_bytes`.
+bad setting behave as in training). The bytes of each path are training's own (`head_loss.loss_peak_bytes`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, replace
-
-from mlcd_vl.plan import memory
 
 DEVICE_TYPE = "cuda"  # the plan is for GPUs: Liger counts as available where liger-kernel is installed
 
@@ -41,22 +39,27 @@ class LossModel:
 
         return replace(self, settings=HeadLossSettings(impl, chunk_tokens or DEFAULT_CHUNK_TOKENS))
 
+    def inputs(self, weight_bytes: int):
+        """The head's `head_loss.HeadInputs` with a weight of `weight_bytes` (4 under DDP's autocast, the training
+        dtype's under DeepSpeed)."""
+        from mlcd_vl.train.head_loss import HeadInputs
+
+        return HeadInputs(weight_bytes, self.activation_bytes, self.head_trains, self.hidden_needs_grad)
+
     def implementation(self, supervised: float, weight_bytes: int) -> str:
         """"full", "chunked" or "liger" for a micro-batch of `supervised` targets with a head of `weight_bytes` per
         weight: training's own decision."""
-        from mlcd_vl.train.head_loss import HeadInputs, choose_implementation
+        from mlcd_vl.train.head_loss import choose_implementation
 
-        inputs = HeadInputs(weight_bytes, self.activation_bytes, self.head_trains, self.hidden_needs_grad)
-        return choose_implementation(self.settings, int(supervised), self.head, DEVICE_TYPE, inputs)
+        return choose_implementation(self.settings, int(supervised), self.head, DEVICE_TYPE, self.inputs(weight_bytes))
 
     def bytes_at(self, supervised: float, weight_bytes: int, implementation: str | None = None) -> float:
-        """Peak bytes for a micro-batch of `supervised` targets with a head of `weight_bytes` per weight (4 under
-        DDP's autocast, the training dtype's under DeepSpeed), by training's choice or the one given."""
-        if (implementation or self.implementation(supervised, weight_bytes)) == "full":
-            return memory.loss_bytes(supervised, self.vocab)
-        return memory.chunked_loss_bytes(supervised, self.vocab, self.hidden, self.settings.chunk_tokens,
-                                         weight_bytes=weight_bytes, activation_bytes=self.activation_bytes,
-                                         head_trains=self.head_trains, hidden_needs_grad=self.hidden_needs_grad)
+        """Peak bytes for a micro-batch of `supervised` targets with a head of `weight_bytes` per weight, by
+        training's choice or the one given (training's own arithmetic, `head_loss.loss_peak_bytes`)."""
+        from mlcd_vl.train.head_loss import loss_peak_bytes
+
+        return loss_peak_bytes(implementation or self.implementation(supervised, weight_bytes), supervised,
+                               self.vocab, self.hidden, self.settings.chunk_tokens, self.inputs(weight_bytes))
 
     def peak(self, supervised: float, weight_bytes: int) -> float:
         """The most any micro-batch of up to `supervised` targets needs. Each path grows with the targets, but "auto"

@@ -103,13 +103,22 @@ class HeadInputs:
         return cls(weight.element_size(), hidden.element_size(), weight.requires_grad, hidden.requires_grad)
 
 
+def loss_peak_bytes(implementation: str, supervised: float, vocab: int, width: int, chunk_tokens: int,
+                    inputs: HeadInputs) -> float:
+    """Peak bytes of the loss on `supervised` targets with a [vocab, width] head: the full logits, or the chunked
+    loss ("chunked" or "liger", counted alike), by `loss_memory`'s arithmetic."""
+    if implementation == "full":
+        return loss_bytes(supervised, vocab)
+    return chunked_loss_bytes(supervised, vocab, width, chunk_tokens, weight_bytes=inputs.weight_bytes,
+                              activation_bytes=inputs.hidden_bytes, head_trains=inputs.head_trains,
+                              hidden_needs_grad=inputs.hidden_needs_grad)
+
+
 def chunked_saves_memory(settings: HeadLossSettings, supervised: int, head: nn.Linear, inputs: HeadInputs) -> bool:
-    """Whether the chunked loss's peak (`loss_memory`) is below the full logits' for `supervised` targets."""
-    vocab, width = head.out_features, head.in_features  # nn.Linear's own record: right under ZeRO-3 partitioning
-    chunked = chunked_loss_bytes(supervised, vocab, width, settings.chunk_tokens, weight_bytes=inputs.weight_bytes,
-                                 activation_bytes=inputs.hidden_bytes, head_trains=inputs.head_trains,
-                                 hidden_needs_grad=inputs.hidden_needs_grad)
-    return chunked < loss_bytes(supervised, vocab)
+    """Whether the chunked loss's peak is below the full logits' for `supervised` targets."""
+    shape = (head.out_features, head.in_features)  # nn.Linear's own record: right under ZeRO-3 partitioning
+    return (loss_peak_bytes("chunked", supervised, *shape, settings.chunk_tokens, inputs)
+            < loss_peak_bytes("full", supervised, *shape, settings.chunk_tokens, inputs))
 
 
 def choose_implementation(settings: HeadLossSettings, supervised: int, head: nn.Module, device_type: str,
